@@ -1,0 +1,72 @@
+//! The store's key schema. Every key Ferry writes is built here, so the layout can be
+//! read in one place. Prefix ranges always end in `/` so `hello` never matches `hello2`.
+
+pub const ROOT: &str = "/ferry/";
+
+/// `FunctionRecord` per function.
+pub const FUNCTIONS: &str = "/ferry/fn/";
+pub fn function(name: &str) -> String {
+    format!("{FUNCTIONS}{name}")
+}
+
+/// `VersionRecord` per immutable version.
+pub const VERSIONS: &str = "/ferry/fnver/";
+pub fn versions_of(name: &str) -> String {
+    format!("{VERSIONS}{name}/")
+}
+pub fn version(name: &str, version: u32) -> String {
+    // Zero-padded so a range returns versions in numeric order.
+    format!("{VERSIONS}{name}/{version:010}")
+}
+
+/// `PackageRecord` per stored package (by sha256).
+pub const PACKAGES: &str = "/ferry/pkg/";
+pub fn package(sha256: &str) -> String {
+    format!("{PACKAGES}{sha256}")
+}
+
+/// `GatewayRecord` per live gateway, under its lease.
+pub const GATEWAYS: &str = "/ferry/gateways/";
+pub fn gateway(id: &str) -> String {
+    format!("{GATEWAYS}{id}")
+}
+
+/// `ClusterRecord` per cluster (admin state, weight), written by operators.
+pub const CLUSTERS: &str = "/ferry/clusters/";
+pub fn cluster(name: &str) -> String {
+    format!("{CLUSTERS}{name}")
+}
+
+/// `OrderServerRecord` per live order-server instance, under its lease.
+pub const ORDER_SERVERS: &str = "/ferry/order-servers/";
+pub fn order_servers_of(cluster: &str) -> String {
+    format!("{ORDER_SERVERS}{cluster}/")
+}
+pub fn order_server(cluster: &str, id: &str) -> String {
+    format!("{ORDER_SERVERS}{cluster}/{id}")
+}
+
+/// `NodeRecord` per node agent: written on transitions only (attached, dead).
+pub const NODES: &str = "/ferry/nodes/";
+pub fn nodes_of(cluster: &str) -> String {
+    format!("{NODES}{cluster}/")
+}
+pub fn node(cluster: &str, id: &str) -> String {
+    format!("{NODES}{cluster}/{id}")
+}
+
+/// The routing table the cluster-scheduler publishes and every gateway watches.
+pub const ROUTING: &str = "/ferry/routing";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_do_not_overlap_between_names() {
+        assert!(!version("hello2", 1).starts_with(&versions_of("hello")));
+        assert!(version("hello", 1).starts_with(&versions_of("hello")));
+        assert!(version("hello", 2) < version("hello", 10));
+        assert!(!node("a", "n1").starts_with(&nodes_of("ab")));
+    }
+}

@@ -1,0 +1,30 @@
+//! Ferry's shared vocabulary.
+//!
+//! Everything more than one component must agree on lives here: the order protocol
+//! ([`proto`]), the error vocabulary mapped to HTTP and gRPC ([`error`]), the package
+//! format ([`package`]), the store's key schema and records ([`keys`], [`model`]),
+//! IDs ([`id`]), layered configuration ([`config`]) and telemetry setup ([`telemetry`]).
+
+pub mod config;
+pub mod error;
+pub mod id;
+pub mod keys;
+pub mod model;
+pub mod package;
+pub mod telemetry;
+
+/// Generated code for `proto/order.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("ferry.order.v1");
+}
+
+pub use error::{Error, ErrorCode};
+
+/// Milliseconds since the Unix epoch, for records and IDs.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,176 @@
+//! Records Ferry keeps in the store (JSON values under the keys in [`crate::keys`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::package::{Kind, Limits};
+use crate::proto;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// Highest version number; 0 before the first upload.
+    pub latest_version: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    pub name: String,
+    pub version: u32,
+    pub sha256: String,
+    pub size: u64,
+    pub kind: Kind,
+    pub limits: Limits,
+    pub created_ms: u64,
+}
+
+impl VersionRecord {
+    /// What an order-server and a node agent need to run this version.
+    pub fn spec(&self) -> proto::FunctionSpec {
+        proto::FunctionSpec {
+            name: self.name.clone(),
+            version: self.version,
+            package_sha256: self.sha256.clone(),
+            kind: self.kind.as_str().to_string(),
+            memory_mb: self.limits.memory_mb,
+            timeout_ms: self.limits.timeout_ms,
+            cpu_millis: self.limits.cpu_millis,
+            package_size: self.size,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageRecord {
+    pub sha256: String,
+    pub size: u64,
+    pub kind: Kind,
+    pub created_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayRecord {
+    pub id: String,
+    /// Base URL node agents fetch packages from, e.g. `http://127.0.0.1:7070`.
+    pub url: String,
+}
+
+/// What a node offers (declared) or holds (used).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub gpus: u32,
+    pub fpga_slots: u32,
+    pub slots: u32,
+}
+
+impl From<&proto::Resources> for Capacity {
+    fn from(r: &proto::Resources) -> Self {
+        Self {
+            cpu_millis: r.cpu_millis,
+            memory_mb: r.memory_mb,
+            gpus: r.gpus,
+            fpga_slots: r.fpga_slots,
+            slots: r.slots,
+        }
+    }
+}
+
+impl From<Capacity> for proto::Resources {
+    fn from(c: Capacity) -> Self {
+        Self {
+            cpu_millis: c.cpu_millis,
+            memory_mb: c.memory_mb,
+            gpus: c.gpus,
+            fpga_slots: c.fpga_slots,
+            slots: c.slots,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Attached,
+    Dead,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub cluster: String,
+    pub state: NodeState,
+    /// The order-server instance the node is attached to (its only owner).
+    pub order_server: String,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub since_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderServerRecord {
+    pub id: String,
+    pub cluster: String,
+    /// gRPC endpoint, e.g. `http://127.0.0.1:7171`.
+    pub addr: String,
+    /// Nodes attached to this instance right now.
+    pub nodes: u32,
+    /// Sum of the attached nodes' declared capacity.
+    pub capacity: Capacity,
+    pub started_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    #[default]
+    Active,
+    Draining,
+}
+
+/// Operator settings of a cluster (`/ferry/clusters/{name}`); absent means defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    pub name: String,
+    #[serde(default)]
+    pub admin_state: AdminState,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedServer {
+    pub id: String,
+    pub addr: String,
+    pub nodes: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutedCluster {
+    pub name: String,
+    pub weight: u32,
+    pub admin_state: AdminState,
+    pub capacity: Capacity,
+    pub nodes: u32,
+    /// Instances with at least one attached node, in a stable order.
+    pub order_servers: Vec<RoutedServer>,
+}
+
+/// Published by the cluster-scheduler; gateways route by it and never compute it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutingTable {
+    pub clusters: Vec<RoutedCluster>,
+}
