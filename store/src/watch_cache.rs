@@ -1,0 +1,216 @@
+//! [`WatchCache`]: an in-memory copy of every key under a prefix, kept current by a
+//! watch.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::{EventKind, KeyValue, Result, Revision, Store, StoreError, WatchStream};
+
+/// Most events applied under one write lock.
+const MAX_APPLY: usize = 4096;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The keys under a prefix, listed once and then kept current by a watch from a tokio
+/// task. Reads are served from memory. If the watch fails (compacted, lagged, store
+/// unavailable), the task lists the prefix again and re-watches, with a backoff while
+/// that keeps failing, and swaps the new contents in atomically.
+///
+/// Events are applied in batches (everything the watch has ready); readers see a batch
+/// entirely or not at all. Clones share the cache; the task stops when the last clone
+/// is dropped.
+#[derive(Clone)]
+pub struct WatchCache {
+    inner: Arc<Handle>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Shared {
+    data: RwLock<Data>,
+    changes: watch::Sender<Revision>,
+    resyncs: AtomicU64,
+}
+
+struct Data {
+    map: BTreeMap<String, KeyValue>,
+    revision: Revision,
+}
+
+impl Shared {
+    fn data(&self) -> RwLockReadGuard<'_, Data> {
+        self.data.read().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Lists `prefix` and starts a watch right after the listed revision.
+async fn list_and_watch(store: &dyn Store, prefix: &str) -> Result<(Data, WatchStream)> {
+    let range = store.range(prefix).await?;
+    let stream = store.watch(prefix, range.revision + 1).await?;
+    let map = range
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key.clone(), kv))
+        .collect();
+    Ok((
+        Data {
+            map,
+            revision: range.revision,
+        },
+        stream,
+    ))
+}
+
+impl WatchCache {
+    /// Lists `prefix` and starts watching it. Fails if the first list or watch fails.
+    pub async fn start(store: Arc<dyn Store>, prefix: &str) -> Result<WatchCache> {
+        let (data, stream) = list_and_watch(store.as_ref(), prefix).await?;
+        let (changes, _) = watch::channel(data.revision);
+        let shared = Arc::new(Shared {
+            data: RwLock::new(data),
+            changes,
+            resyncs: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(run(store, prefix.to_string(), shared.clone(), stream));
+        Ok(WatchCache {
+            inner: Arc::new(Handle { shared, task }),
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<KeyValue> {
+        self.inner.shared.data().map.get(key).cloned()
+    }
+
+    /// Every cached key, ascending.
+    pub fn snapshot(&self) -> Vec<KeyValue> {
+        self.inner.shared.data().map.values().cloned().collect()
+    }
+
+    /// The cached keys starting with `prefix`, ascending.
+    pub fn values_with_prefix(&self, prefix: &str) -> Vec<KeyValue> {
+        let data = self.inner.shared.data();
+        data.map
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The highest revision applied: the last list's revision or the last event's.
+    /// Writes outside the prefix do not advance it.
+    pub fn revision(&self) -> Revision {
+        self.inner.shared.data().revision
+    }
+
+    /// Waits until [`Self::revision`] reaches `rev`; false on timeout.
+    pub async fn wait_for(&self, rev: Revision, timeout: Duration) -> bool {
+        let mut rx = self.changes();
+        match tokio::time::timeout(timeout, rx.wait_for(|r| *r >= rev)).await {
+            Ok(Ok(_)) => true,
+            _ => self.revision() >= rev,
+        }
+    }
+
+    /// How many times the cache re-listed after its watch failed (a metric).
+    pub fn resyncs(&self) -> u64 {
+        self.inner.shared.resyncs.load(Ordering::Relaxed)
+    }
+
+    /// The applied revision; changes after each applied batch or re-list.
+    pub fn changes(&self) -> watch::Receiver<Revision> {
+        self.inner.shared.changes.subscribe()
+    }
+}
+
+async fn run(store: Arc<dyn Store>, prefix: String, shared: Arc<Shared>, mut stream: WatchStream) {
+    let mut backoff = MIN_BACKOFF;
+    let mut watching_since = Instant::now();
+    loop {
+        let err = consume(&shared, &mut stream).await;
+        tracing::debug!(prefix = %prefix, error = %err, "watch cache: watch ended; re-listing");
+        // A watch that broke soon after it started: keep backing off.
+        if watching_since.elapsed() > MAX_BACKOFF * 2 {
+            backoff = MIN_BACKOFF;
+        }
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match list_and_watch(store.as_ref(), &prefix).await {
+                Ok((data, s)) => {
+                    let rev = data.revision;
+                    *shared.data.write().unwrap_or_else(PoisonError::into_inner) = data;
+                    shared.resyncs.fetch_add(1, Ordering::Relaxed);
+                    shared.changes.send_replace(rev);
+                    stream = s;
+                    watching_since = Instant::now();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(prefix = %prefix, error = %e, "watch cache: re-list failed")
+                }
+            }
+        }
+    }
+}
+
+/// Applies events until the stream fails; returns why it stopped.
+async fn consume(shared: &Shared, stream: &mut WatchStream) -> StoreError {
+    loop {
+        let first = match stream.next().await {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => return e,
+            None => return StoreError::Unavailable("watch stream ended".into()),
+        };
+        let mut batch = vec![first];
+        let mut failed = None;
+        while batch.len() < MAX_APPLY {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(ev))) => batch.push(ev),
+                Some(Some(Err(e))) => {
+                    failed = Some(e);
+                    break;
+                }
+                Some(None) => {
+                    failed = Some(StoreError::Unavailable("watch stream ended".into()));
+                    break;
+                }
+                None => break,
+            }
+        }
+        let rev = {
+            let mut data = shared.data.write().unwrap_or_else(PoisonError::into_inner);
+            for ev in batch {
+                data.revision = data.revision.max(ev.kv.mod_revision);
+                match ev.kind {
+                    EventKind::Put => {
+                        data.map.insert(ev.kv.key.clone(), ev.kv);
+                    }
+                    EventKind::Delete => {
+                        data.map.remove(&ev.kv.key);
+                    }
+                }
+            }
+            data.revision
+        };
+        shared.changes.send_replace(rev);
+        if let Some(e) = failed {
+            return e;
+        }
+    }
+}

@@ -1,0 +1,1041 @@
+//! One conformance suite, run against both backends (`embedded::*` and `etcd::*`; every
+//! etcd test starts its own etcd), plus backend-specific tests at the end.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_store::embedded::{EmbeddedOptions, EmbeddedStore};
+use ferry_store::etcd::EtcdStore;
+use ferry_store::testing::EtcdServer;
+use ferry_store::{
+    Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseKeeper, NO_LEASE, Op,
+    Store, StoreError, Txn, WatchCache, WatchStream,
+};
+use futures::StreamExt;
+
+type Guard = Box<dyn std::any::Any + Send>;
+
+async fn make_embedded() -> (Arc<dyn Store>, Guard) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    (Arc::new(store), Box::new(dir))
+}
+
+async fn start_etcd() -> EtcdServer {
+    tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .unwrap()
+        .expect("start etcd")
+}
+
+async fn make_etcd() -> (Arc<dyn Store>, Guard) {
+    let server = start_etcd().await;
+    let store = EtcdStore::connect(&[server.endpoint()]).await.unwrap();
+    (Arc::new(store), Box::new(server))
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next_event(s: &mut WatchStream) -> Event {
+    match tokio::time::timeout(WAIT, s.next()).await {
+        Ok(Some(Ok(e))) => e,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+async fn assert_quiet(s: &mut WatchStream, d: Duration) {
+    if let Ok(item) = tokio::time::timeout(d, s.next()).await {
+        panic!("expected no event, got {item:?}");
+    }
+}
+
+fn v(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+async fn rev(s: &Arc<dyn Store>) -> i64 {
+    s.range("").await.unwrap().revision
+}
+
+fn keys(kvs: &[KeyValue]) -> Vec<&str> {
+    kvs.iter().map(|kv| kv.key.as_str()).collect()
+}
+
+/// Polls `f` until it is true, for at most `limit`.
+async fn eventually<F: AsyncFnMut() -> bool>(limit: Duration, mut f: F) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f().await
+}
+
+mod suite {
+    use super::*;
+
+    pub async fn put_get(s: Arc<dyn Store>) {
+        assert_eq!(s.get("k").await.unwrap(), None);
+        let r1 = s.put("k", v("v1"), NO_LEASE).await.unwrap();
+        assert!(r1 >= 1);
+        let kv = s.get("k").await.unwrap().unwrap();
+        let want = KeyValue {
+            key: "k".into(),
+            value: v("v1"),
+            create_revision: r1,
+            mod_revision: r1,
+            version: 1,
+            lease: 0,
+        };
+        assert_eq!(kv, want);
+        let r2 = s.put("k", v("v2"), NO_LEASE).await.unwrap();
+        assert_eq!(r2, r1 + 1);
+        let kv = s.get("k").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                kv.value.as_slice(),
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version
+            ),
+            (&b"v2"[..], r1, r2, 2)
+        );
+        let r3 = s.put("other", Vec::new(), NO_LEASE).await.unwrap();
+        assert_eq!(r3, r2 + 1);
+        assert_eq!(
+            s.get("other").await.unwrap().unwrap().value,
+            Vec::<u8>::new()
+        );
+        assert_eq!(rev(&s).await, r3);
+        // Reads do not bump the revision.
+        s.get("k").await.unwrap();
+        assert_eq!(rev(&s).await, r3);
+        // Empty keys are rejected like etcd does.
+        assert!(matches!(
+            s.put("", v("x"), NO_LEASE).await,
+            Err(StoreError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            s.get("").await,
+            Err(StoreError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            s.delete("").await,
+            Err(StoreError::InvalidRequest(_))
+        ));
+    }
+
+    pub async fn range_prefix(s: Arc<dyn Store>) {
+        let mut last = 0;
+        for k in ["a/2", "a", "ab", "a/10", "b/1", "a/", "a/1", "a/é"] {
+            last = s.put(k, v(&format!("val-{k}")), NO_LEASE).await.unwrap();
+        }
+        let r = s.range("a/").await.unwrap();
+        assert_eq!(keys(&r.kvs), ["a/", "a/1", "a/10", "a/2", "a/é"]);
+        assert_eq!(r.revision, last);
+        assert_eq!(r.kvs[2].value, v("val-a/10"));
+        let r = s.range("a").await.unwrap();
+        assert_eq!(keys(&r.kvs), ["a", "a/", "a/1", "a/10", "a/2", "a/é", "ab"]);
+        let r = s.range("a/é").await.unwrap();
+        assert_eq!(keys(&r.kvs), ["a/é"]);
+        let r = s.range("c").await.unwrap();
+        assert!(r.kvs.is_empty());
+        assert_eq!(r.revision, last);
+        assert_eq!(s.range("").await.unwrap().kvs.len(), 8);
+    }
+
+    pub async fn delete(s: Arc<dyn Store>) {
+        let r1 = s.put("d", v("1"), NO_LEASE).await.unwrap();
+        s.put("d2", v("1"), NO_LEASE).await.unwrap();
+        assert!(s.delete("d").await.unwrap());
+        assert_eq!(s.get("d").await.unwrap(), None);
+        assert!(s.get("d2").await.unwrap().is_some());
+        let r = rev(&s).await;
+        assert_eq!(r, r1 + 2);
+        // Deleting an absent key writes nothing.
+        assert!(!s.delete("d").await.unwrap());
+        assert_eq!(rev(&s).await, r);
+        let r3 = s.put("d", v("again"), NO_LEASE).await.unwrap();
+        assert_eq!(r3, r + 1);
+        let kv = s.get("d").await.unwrap().unwrap();
+        assert_eq!(
+            (kv.version, kv.create_revision, kv.mod_revision),
+            (1, r3, r3)
+        );
+    }
+
+    pub async fn compare_and_put(s: Arc<dyn Store>) {
+        let r1 = s
+            .compare_and_put("c", v("1"), 0)
+            .await
+            .unwrap()
+            .expect("absent key");
+        assert_eq!(s.compare_and_put("c", v("x"), 0).await.unwrap(), None);
+        let r2 = s
+            .compare_and_put("c", v("2"), r1)
+            .await
+            .unwrap()
+            .expect("current revision");
+        assert_eq!(r2, r1 + 1);
+        // Stale revision: nothing changes.
+        assert_eq!(s.compare_and_put("c", v("3"), r1).await.unwrap(), None);
+        let kv = s.get("c").await.unwrap().unwrap();
+        assert_eq!((kv.value, kv.mod_revision, kv.version), (v("2"), r2, 2));
+        assert_eq!(rev(&s).await, r2);
+    }
+
+    pub async fn txn_compares(s: Arc<dyn Store>) {
+        let ra = s.put("t/a", v("m"), NO_LEASE).await.unwrap();
+        let rb = s.put("t/a", v("n"), NO_LEASE).await.unwrap();
+        let cmp = |key: &str, op, target| Compare {
+            key: key.into(),
+            op,
+            target,
+        };
+        use CompareOp::*;
+        use CompareTarget::*;
+        let cases = [
+            (cmp("t/a", Equal, ModRevision(rb)), true),
+            (cmp("t/a", NotEqual, ModRevision(rb)), false),
+            (cmp("t/a", Greater, ModRevision(ra)), true),
+            (cmp("t/a", Less, ModRevision(rb)), false),
+            (cmp("t/a", Less, ModRevision(rb + 1)), true),
+            (cmp("t/a", Equal, CreateRevision(ra)), true),
+            (cmp("t/a", Greater, CreateRevision(ra)), false),
+            (cmp("t/a", Less, CreateRevision(ra + 1)), true),
+            (cmp("t/a", NotEqual, CreateRevision(0)), true),
+            (cmp("t/a", Equal, Version(2)), true),
+            (cmp("t/a", Greater, Version(1)), true),
+            (cmp("t/a", Less, Version(2)), false),
+            (cmp("t/a", NotEqual, Version(2)), false),
+            (cmp("t/a", Equal, Value(v("n"))), true),
+            (cmp("t/a", NotEqual, Value(v("n"))), false),
+            (cmp("t/a", Greater, Value(v("m"))), true),
+            (cmp("t/a", Less, Value(v("o"))), true),
+            (cmp("t/a", Less, Value(v("n"))), false),
+            (Compare::exists("t/a"), true),
+            (Compare::absent("t/a"), false),
+            (Compare::mod_revision("t/a", rb), true),
+            (Compare::value("t/a", "n"), true),
+            // An absent key.
+            (Compare::absent("t/b"), true),
+            (Compare::exists("t/b"), false),
+            (Compare::mod_revision("t/b", 0), true),
+            (cmp("t/b", Less, CreateRevision(1)), true),
+            (cmp("t/b", Equal, Value(Vec::new())), false),
+            // etcd: a value compare on an absent key is false, even "not equal".
+            (cmp("t/b", NotEqual, Value(v("x"))), false),
+        ];
+        for (i, (c, want)) in cases.into_iter().enumerate() {
+            let r = s
+                .txn(
+                    Txn::new()
+                        .when(c.clone())
+                        .then(Op::get("t/a"))
+                        .otherwise(Op::get("t/b")),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.succeeded, want, "case {i}: {c:?}");
+            assert_eq!(r.revision, rb, "case {i}: a read-only txn does not write");
+            assert_eq!(r.gets.len(), 1);
+            assert_eq!(r.gets[0].is_some(), want, "case {i}: the branch that ran");
+        }
+        // Several compares: all must hold.
+        let all = Txn::new()
+            .when(Compare::exists("t/a"))
+            .when(Compare::value("t/a", "n"))
+            .when(Compare::absent("t/b"));
+        assert!(s.txn(all.clone()).await.unwrap().succeeded);
+        assert!(
+            !s.txn(all.when(Compare::mod_revision("t/a", ra)))
+                .await
+                .unwrap()
+                .succeeded
+        );
+        // No compares: success.
+        let r = s.txn(Txn::new().then(Op::get("t/a"))).await.unwrap();
+        assert!(r.succeeded);
+        assert_eq!(r.gets[0].as_ref().unwrap().value, v("n"));
+    }
+
+    pub async fn txn_ops(s: Arc<dyn Store>) {
+        for k in ["p/1", "p/2", "p/3/x", "pq"] {
+            s.put(k, v("1"), NO_LEASE).await.unwrap();
+        }
+        let r0 = s.put("x", v("old"), NO_LEASE).await.unwrap();
+        let r = s
+            .txn(
+                Txn::new()
+                    .when(Compare::value("x", "old"))
+                    .then(Op::get("x"))
+                    .then(Op::put("x", "new"))
+                    .then(Op::get("x"))
+                    .then(Op::DeletePrefix {
+                        prefix: "p/".into(),
+                    })
+                    .then(Op::get("p/1"))
+                    .then(Op::put("y", "1")),
+            )
+            .await
+            .unwrap();
+        assert!(r.succeeded);
+        assert_eq!(r.revision, r0 + 1, "a txn is one revision");
+        assert_eq!(r.gets.len(), 3);
+        let old = r.gets[0].as_ref().unwrap();
+        assert_eq!(
+            (old.value.as_slice(), old.mod_revision, old.version),
+            (&b"old"[..], r0, 1)
+        );
+        let new = r.gets[1].as_ref().unwrap();
+        assert_eq!(
+            (new.value.as_slice(), new.mod_revision, new.version),
+            (&b"new"[..], r0 + 1, 2)
+        );
+        assert_eq!(r.gets[2], None, "a get after the delete in the same txn");
+        assert_eq!(keys(&s.range("p").await.unwrap().kvs), ["pq"]);
+        assert_eq!(s.get("y").await.unwrap().unwrap().mod_revision, r0 + 1);
+        assert_eq!(s.get("x").await.unwrap().unwrap().value, v("new"));
+
+        // The failure branch.
+        let r = s
+            .txn(
+                Txn::new()
+                    .when(Compare::value("x", "old"))
+                    .then(Op::put("z", "1"))
+                    .otherwise(Op::put("w", "1"))
+                    .otherwise(Op::delete("y"))
+                    .otherwise(Op::get("w")),
+            )
+            .await
+            .unwrap();
+        assert!(!r.succeeded);
+        assert_eq!(r.revision, r0 + 2);
+        assert_eq!(r.gets.len(), 1);
+        assert_eq!(r.gets[0].as_ref().unwrap().mod_revision, r0 + 2);
+        assert_eq!(s.get("z").await.unwrap(), None);
+        assert_eq!(s.get("y").await.unwrap(), None);
+
+        // A txn that writes nothing keeps the revision.
+        let r = s
+            .txn(Txn::new().then(Op::delete("nope")).then(Op::DeletePrefix {
+                prefix: "nothing/".into(),
+            }))
+            .await
+            .unwrap();
+        assert!(r.succeeded);
+        assert_eq!(r.revision, r0 + 2);
+        assert_eq!(rev(&s).await, r0 + 2);
+        // Deleting one key twice is allowed.
+        let r = s
+            .txn(Txn::new().then(Op::delete("w")).then(Op::delete("w")))
+            .await
+            .unwrap();
+        assert_eq!(r.revision, r0 + 3);
+    }
+
+    pub async fn txn_invalid(s: Arc<dyn Store>) {
+        let r0 = s.put("a", v("1"), NO_LEASE).await.unwrap();
+        let too_many = (0..129).fold(Txn::new(), |t, i| t.then(Op::put(format!("k{i}"), "v")));
+        let bad = [
+            Txn::new().then(Op::put("a", "1")).then(Op::put("a", "2")),
+            Txn::new().then(Op::put("a", "1")).then(Op::delete("a")),
+            Txn::new()
+                .then(Op::DeletePrefix {
+                    prefix: "d/".into(),
+                })
+                .then(Op::put("d/1", "1")),
+            Txn::new()
+                .then(Op::put("b", "1"))
+                .otherwise(Op::put("a", "1"))
+                .otherwise(Op::put("a", "2")),
+            Txn::new().then(Op::put("", "1")),
+            too_many,
+        ];
+        for (i, t) in bad.into_iter().enumerate() {
+            match s.txn(t).await {
+                Err(StoreError::InvalidRequest(_)) => {}
+                other => panic!("case {i}: expected InvalidRequest, got {other:?}"),
+            }
+        }
+        assert_eq!(rev(&s).await, r0, "nothing was written");
+        assert_eq!(s.get("b").await.unwrap(), None);
+        // 128 operations are fine.
+        let max = (0..128).fold(Txn::new(), |t, i| t.then(Op::put(format!("k{i}"), "v")));
+        assert_eq!(s.txn(max).await.unwrap().revision, r0 + 1);
+        assert_eq!(s.range("k").await.unwrap().kvs.len(), 128);
+    }
+
+    pub async fn watch_replay(s: Arc<dyn Store>) {
+        let r0 = s.put("w/a", v("1"), NO_LEASE).await.unwrap();
+        s.put("w/b", v("2"), NO_LEASE).await.unwrap();
+        s.put("x/ignored", v("0"), NO_LEASE).await.unwrap();
+        s.delete("w/a").await.unwrap();
+        s.txn(
+            Txn::new()
+                .then(Op::put("w/d", "4"))
+                .then(Op::put("w/c", "3"))
+                .then(Op::delete("w/b")),
+        )
+        .await
+        .unwrap();
+        s.put("w/c", v("5"), NO_LEASE).await.unwrap();
+        use EventKind::*;
+        let want = [
+            (Put, "w/a", "1", r0, 1),
+            (Put, "w/b", "2", r0 + 1, 1),
+            (Delete, "w/a", "", r0 + 3, 0),
+            (Put, "w/d", "4", r0 + 4, 1),
+            (Put, "w/c", "3", r0 + 4, 1),
+            (Delete, "w/b", "", r0 + 4, 0),
+            (Put, "w/c", "5", r0 + 5, 2),
+        ];
+        let mut st = s.watch("w/", r0).await.unwrap();
+        for (i, (kind, key, value, rev, version)) in want.iter().enumerate() {
+            let e = next_event(&mut st).await;
+            assert_eq!(
+                (
+                    e.kind,
+                    e.kv.key.as_str(),
+                    e.kv.value.as_slice(),
+                    e.kv.mod_revision,
+                    e.kv.version
+                ),
+                (*kind, *key, value.as_bytes(), *rev, *version),
+                "event {i}"
+            );
+        }
+        assert_quiet(&mut st, Duration::from_millis(300)).await;
+        let r = s.put("w/e", v("6"), NO_LEASE).await.unwrap();
+        let e = next_event(&mut st).await;
+        assert_eq!((e.kv.key.as_str(), e.kv.mod_revision), ("w/e", r));
+
+        // From the middle: starts exactly at that revision.
+        let mut st = s.watch("w/", r0 + 3).await.unwrap();
+        let e = next_event(&mut st).await;
+        assert_eq!(
+            (e.kind, e.kv.key.as_str(), e.kv.mod_revision),
+            (Delete, "w/a", r0 + 3)
+        );
+        // From a future revision: only events from there on.
+        let mut st = s.watch("w/", r + 2).await.unwrap();
+        s.put("w/f", v("7"), NO_LEASE).await.unwrap();
+        let r2 = s.put("w/g", v("8"), NO_LEASE).await.unwrap();
+        assert_eq!(r2, r + 2);
+        let e = next_event(&mut st).await;
+        assert_eq!((e.kv.key.as_str(), e.kv.mod_revision), ("w/g", r2));
+    }
+
+    pub async fn watch_from_now(s: Arc<dyn Store>) {
+        s.put("w/old", v("1"), NO_LEASE).await.unwrap();
+        let mut st = s.watch("w/", 0).await.unwrap();
+        let r = s.put("w/new", v("2"), NO_LEASE).await.unwrap();
+        let e = next_event(&mut st).await;
+        assert_eq!(
+            (e.kind, e.kv.key.as_str(), e.kv.mod_revision),
+            (EventKind::Put, "w/new", r)
+        );
+        assert_quiet(&mut st, Duration::from_millis(200)).await;
+    }
+
+    pub async fn watch_concurrent_writers(s: Arc<dyn Store>) {
+        let mut st = s.watch("c/", 0).await.unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut revs = Vec::new();
+                for i in 0..200 {
+                    revs.push(
+                        s.put(&format!("c/{t}/{i}"), v("x"), NO_LEASE)
+                            .await
+                            .unwrap(),
+                    );
+                }
+                revs
+            }));
+        }
+        let mut seen = Vec::new();
+        let mut seen_keys = BTreeSet::new();
+        for _ in 0..800 {
+            let e = next_event(&mut st).await;
+            assert!(
+                seen_keys.insert(e.kv.key.clone()),
+                "key seen twice: {}",
+                e.kv.key
+            );
+            seen.push(e.kv.mod_revision);
+        }
+        let mut written = Vec::new();
+        for t in tasks {
+            written.extend(t.await.unwrap());
+        }
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "revisions strictly increase"
+        );
+        written.sort();
+        assert_eq!(seen, written, "every write seen exactly once");
+        assert_quiet(&mut st, Duration::from_millis(200)).await;
+    }
+
+    pub async fn watch_prefix_isolation(s: Arc<dyn Store>) {
+        let mut st = s.watch("w/", 0).await.unwrap();
+        for k in ["wx", "v/1", "w", "w/1", "x/w/2", "w/2"] {
+            s.put(k, v("1"), NO_LEASE).await.unwrap();
+        }
+        s.delete("wx").await.unwrap();
+        assert_eq!(next_event(&mut st).await.kv.key, "w/1");
+        assert_eq!(next_event(&mut st).await.kv.key, "w/2");
+        assert_quiet(&mut st, Duration::from_millis(300)).await;
+    }
+
+    pub async fn lease_expiry(s: Arc<dyn Store>) {
+        let lease = s.grant_lease(Duration::from_secs(1)).await.unwrap();
+        let granted = Instant::now();
+        s.put("l/a", v("1"), lease).await.unwrap();
+        s.put("l/keep", v("1"), NO_LEASE).await.unwrap();
+        assert_eq!(s.get("l/a").await.unwrap().unwrap().lease, lease);
+        let mut st = s.watch("l/", 0).await.unwrap();
+        // etcd raises the TTL to its minimum and checks expiry every 500 ms.
+        let e = match tokio::time::timeout(Duration::from_secs(15), st.next()).await {
+            Ok(Some(Ok(e))) => e,
+            other => panic!("no expiry event: {other:?}"),
+        };
+        assert!(
+            granted.elapsed() >= Duration::from_millis(900),
+            "expired early: {:?}",
+            granted.elapsed()
+        );
+        assert_eq!((e.kind, e.kv.key.as_str()), (EventKind::Delete, "l/a"));
+        assert_eq!(s.get("l/a").await.unwrap(), None);
+        assert!(s.get("l/keep").await.unwrap().is_some());
+        assert!(matches!(
+            s.keep_alive(lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        assert!(matches!(
+            s.put("l/b", v("1"), lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+    }
+
+    pub async fn lease_keep_alive(s: Arc<dyn Store>) {
+        let lease = s.grant_lease(Duration::from_secs(1)).await.unwrap();
+        s.put("k/a", v("1"), lease).await.unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(4) {
+            s.keep_alive(lease).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                s.get("k/a").await.unwrap().is_some(),
+                "expired while kept alive"
+            );
+        }
+        let s2 = s.clone();
+        let gone = eventually(Duration::from_secs(15), async || {
+            s2.get("k/a").await.unwrap().is_none()
+        })
+        .await;
+        assert!(gone, "expires once no longer kept alive");
+        assert!(matches!(
+            s.keep_alive(lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+    }
+
+    pub async fn lease_revoke(s: Arc<dyn Store>) {
+        let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let other = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        assert_ne!(lease, other);
+        s.put("r/b", v("1"), lease).await.unwrap();
+        s.put("r/a", v("1"), lease).await.unwrap();
+        s.put("r/c", v("1"), NO_LEASE).await.unwrap();
+        // Re-put without the lease: detached.
+        s.put("r/d", v("1"), lease).await.unwrap();
+        s.put("r/d", v("2"), NO_LEASE).await.unwrap();
+        let mut st = s.watch("r/", 0).await.unwrap();
+        s.revoke_lease(lease).await.unwrap();
+        assert_eq!(s.get("r/a").await.unwrap(), None);
+        assert_eq!(s.get("r/b").await.unwrap(), None);
+        assert!(s.get("r/c").await.unwrap().is_some());
+        assert!(s.get("r/d").await.unwrap().is_some());
+        let r = rev(&s).await;
+        let (e1, e2) = (next_event(&mut st).await, next_event(&mut st).await);
+        assert_eq!(
+            (e1.kind, e1.kv.key.as_str(), e1.kv.mod_revision),
+            (EventKind::Delete, "r/a", r)
+        );
+        assert_eq!(
+            (e2.kind, e2.kv.key.as_str(), e2.kv.mod_revision),
+            (EventKind::Delete, "r/b", r)
+        );
+        assert_quiet(&mut st, Duration::from_millis(200)).await;
+
+        assert!(matches!(
+            s.put("r/e", v("1"), lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        let t = Txn::new().then(Op::put_with_lease("r/e", "1", lease));
+        assert!(matches!(s.txn(t).await, Err(StoreError::LeaseNotFound(_))));
+        assert!(matches!(
+            s.keep_alive(lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        assert!(matches!(
+            s.revoke_lease(lease).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        assert!(matches!(
+            s.put("r/e", v("1"), 987_654_321).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        assert_eq!(s.get("r/e").await.unwrap(), None);
+        // Revoking a lease without keys writes nothing.
+        s.revoke_lease(other).await.unwrap();
+        assert_eq!(rev(&s).await, r);
+    }
+
+    pub async fn watch_cache(s: Arc<dyn Store>) {
+        s.put("wc/a", v("1"), NO_LEASE).await.unwrap();
+        s.put("wc/b", v("2"), NO_LEASE).await.unwrap();
+        let r0 = s.put("other", v("x"), NO_LEASE).await.unwrap();
+        let cache = WatchCache::start(s.clone(), "wc/").await.unwrap();
+        assert_eq!(keys(&cache.snapshot()), ["wc/a", "wc/b"]);
+        assert_eq!(cache.revision(), r0);
+        let mut changes = cache.changes();
+        changes.mark_unchanged();
+
+        let r1 = s.put("wc/c", v("3"), NO_LEASE).await.unwrap();
+        assert!(cache.wait_for(r1, WAIT).await);
+        assert_eq!(cache.get("wc/c").unwrap().value, v("3"));
+        assert_eq!(cache.revision(), r1);
+        assert!(changes.has_changed().unwrap());
+
+        s.delete("wc/a").await.unwrap();
+        let r2 = rev(&s).await;
+        assert!(cache.wait_for(r2, WAIT).await);
+        assert_eq!(cache.get("wc/a"), None);
+
+        let t = s
+            .txn(
+                Txn::new()
+                    .then(Op::put("wc/b/1", "4"))
+                    .then(Op::put("wc/bb", "5")),
+            )
+            .await
+            .unwrap();
+        assert!(cache.wait_for(t.revision, WAIT).await);
+        assert_eq!(
+            keys(&cache.values_with_prefix("wc/b")),
+            ["wc/b", "wc/b/1", "wc/bb"]
+        );
+        assert_eq!(keys(&cache.values_with_prefix("wc/b/")), ["wc/b/1"]);
+        assert_eq!(keys(&cache.snapshot()), ["wc/b", "wc/b/1", "wc/bb", "wc/c"]);
+
+        // Outside the prefix: not cached, no progress.
+        let r3 = s.put("wc", v("no"), NO_LEASE).await.unwrap();
+        assert!(!cache.wait_for(r3, Duration::from_millis(300)).await);
+        assert_eq!(cache.get("wc"), None);
+
+        // A clone shares the cache; the task stops once every clone is gone.
+        let clone = cache.clone();
+        drop(cache);
+        assert_eq!(clone.get("wc/c").unwrap().value, v("3"));
+        drop(clone);
+        let s2 = s.clone();
+        assert!(
+            eventually(WAIT, async || Arc::strong_count(&s2) == 2).await,
+            "cache task still holds the store"
+        );
+    }
+
+    pub async fn lease_keeper(s: Arc<dyn Store>) {
+        let keeper = LeaseKeeper::start(s.clone(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        s.put("lk/a", v("1"), keeper.id()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        assert!(
+            s.get("lk/a").await.unwrap().is_some(),
+            "kept alive past its TTL"
+        );
+        assert!(!keeper.is_lost());
+        let id = keeper.id();
+        keeper.revoke().await.unwrap();
+        assert_eq!(s.get("lk/a").await.unwrap(), None);
+        assert!(matches!(
+            s.keep_alive(id).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+    }
+}
+
+macro_rules! conformance {
+    ($backend:ident, $make:path; $($name:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let (store, _guard) = $make().await;
+                    super::suite::$name(store).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        conformance!(embedded, super::make_embedded; $($name),*);
+        conformance!(etcd, super::make_etcd; $($name),*);
+    };
+}
+
+both_backends!(
+    put_get,
+    range_prefix,
+    delete,
+    compare_and_put,
+    txn_compares,
+    txn_ops,
+    txn_invalid,
+    watch_replay,
+    watch_from_now,
+    watch_concurrent_writers,
+    watch_prefix_isolation,
+    lease_expiry,
+    lease_keep_alive,
+    lease_revoke,
+    watch_cache,
+    lease_keeper,
+);
+
+// ------------------------------------------------------------ embedded only
+
+mod embedded_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_keeps_data_and_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, lease, short, before) = {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.put("a", v("1"), NO_LEASE).await.unwrap();
+            s.put("a", v("2"), NO_LEASE).await.unwrap();
+            s.put("gone", v("1"), NO_LEASE).await.unwrap();
+            s.delete("gone").await.unwrap();
+            let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+            s.put("leased", v("1"), lease).await.unwrap();
+            let short = s.grant_lease(Duration::from_millis(1500)).await.unwrap();
+            s.put("short", v("1"), short).await.unwrap();
+            (
+                s.get("a").await.unwrap().unwrap(),
+                lease,
+                short,
+                s.range("").await.unwrap(),
+            )
+        };
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.range("").await.unwrap(),
+            before,
+            "same keys, values and revisions"
+        );
+        assert_eq!(s.get("a").await.unwrap().unwrap(), a);
+        assert_eq!(s.get("gone").await.unwrap(), None);
+        // Leases exist again, with a fresh TTL.
+        s.keep_alive(lease).await.unwrap();
+        assert_eq!(s.get("leased").await.unwrap().unwrap().lease, lease);
+        assert!(s.get("short").await.unwrap().is_some());
+        let new_lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        assert!(
+            new_lease != lease && new_lease != short,
+            "lease ids are not reused"
+        );
+        // History is not persisted: a watch from before the restart is compacted.
+        match s.watch("", before.revision).await {
+            Err(StoreError::Compacted { requested, oldest }) => {
+                assert_eq!((requested, oldest), (before.revision, before.revision + 1))
+            }
+            other => panic!("expected Compacted, got {:?}", other.map(|_| ())),
+        }
+        let mut st = s.watch("", before.revision + 1).await.unwrap();
+        let r = s.put("b", v("1"), NO_LEASE).await.unwrap();
+        assert_eq!(r, before.revision + 1);
+        assert_eq!(next_event(&mut st).await.kv.key, "b");
+        // The short lease, not renewed, expires after its (fresh) TTL.
+        let e = next_event(&mut st).await;
+        assert_eq!((e.kind, e.kv.key.as_str()), (EventKind::Delete, "short"));
+        assert!(matches!(
+            s.keep_alive(short).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        drop(st);
+        drop(s);
+        // Reopen once more: the expiry was persisted too.
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("short").await.unwrap(), None);
+        assert!(matches!(
+            s.keep_alive(short).await,
+            Err(StoreError::LeaseNotFound(_))
+        ));
+        s.keep_alive(lease).await.unwrap();
+    }
+
+    #[test]
+    fn open_outside_runtime_and_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(
+            EmbeddedStore::open(dir.path()).is_err(),
+            "a second open of a live store fails"
+        );
+        drop(s);
+        // Dropping the last handle closes the file.
+        EmbeddedStore::open(dir.path()).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lagging_watcher_is_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EmbeddedOptions {
+            watch_buffer: 8,
+            ..Default::default()
+        };
+        let s = EmbeddedStore::open_with(dir.path(), opts).unwrap();
+        let mut slow = s.watch("", 0).await.unwrap();
+        let mut fast = s.watch("", 0).await.unwrap();
+        for i in 0..50 {
+            let r = s.put(&format!("k{i}"), v("x"), NO_LEASE).await.unwrap();
+            assert_eq!(next_event(&mut fast).await.kv.mod_revision, r);
+        }
+        for _ in 0..8 {
+            next_event(&mut slow).await;
+        }
+        assert!(matches!(
+            slow.next().await,
+            Some(Err(StoreError::WatchLagged))
+        ));
+        assert!(slow.next().await.is_none());
+        assert_eq!(s.watchers(), 1, "the lagging watcher is unregistered");
+        // The store and the other watcher go on.
+        let r = s.put("after", v("x"), NO_LEASE).await.unwrap();
+        assert_eq!(next_event(&mut fast).await.kv.mod_revision, r);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EmbeddedOptions {
+            history_events: 10,
+            ..Default::default()
+        };
+        let s = EmbeddedStore::open_with(dir.path(), opts).unwrap();
+        let mut revs = Vec::new();
+        for i in 0..20 {
+            revs.push(s.put(&format!("k{i}"), v("x"), NO_LEASE).await.unwrap());
+        }
+        match s.watch("", revs[0]).await {
+            Err(StoreError::Compacted { requested, oldest }) => {
+                assert_eq!((requested, oldest), (revs[0], revs[10]))
+            }
+            other => panic!("expected Compacted, got {:?}", other.map(|_| ())),
+        }
+        let mut st = s.watch("", revs[10]).await.unwrap();
+        for r in &revs[10..] {
+            assert_eq!(next_event(&mut st).await.kv.mod_revision, *r);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_watch_unregisters() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let kept = s.watch("a/", 0).await.unwrap();
+        for _ in 0..100 {
+            drop(s.watch("b/", 0).await.unwrap());
+        }
+        assert_eq!(s.watchers(), 1);
+        drop(kept);
+        assert_eq!(s.watchers(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_concurrent_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let start = rev(&s).await;
+        let mut tasks = Vec::new();
+        for t in 0..64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut revs = Vec::new();
+                for i in 0..20 {
+                    revs.push(
+                        s.put(&format!("g/{t}/{i}"), v("x"), NO_LEASE)
+                            .await
+                            .unwrap(),
+                    );
+                }
+                revs
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort();
+        let want: Vec<i64> = (start + 1..=start + 1280).collect();
+        assert_eq!(all, want, "every write its own revision, none lost");
+        assert_eq!(s.range("g/").await.unwrap().kvs.len(), 1280);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_cache_resyncs_after_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = EmbeddedOptions {
+            watch_buffer: 1,
+            ..Default::default()
+        };
+        let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open_with(dir.path(), opts).unwrap());
+        let cache = WatchCache::start(s.clone(), "g/").await.unwrap();
+        // A burst of concurrent puts lands in few group commits; publishing several
+        // revisions at once overflows the cache's 1-revision watch buffer.
+        let mut n = 0;
+        for _ in 0..10 {
+            let puts = (0..50).map(|_| {
+                n += 1;
+                let key = format!("g/{n}");
+                let s = s.clone();
+                async move { s.put(&key, v("x"), NO_LEASE).await.unwrap() }
+            });
+            let last = *futures::future::join_all(puts).await.iter().max().unwrap();
+            assert!(cache.wait_for(last, WAIT).await, "caught up");
+            if cache.resyncs() > 0 {
+                break;
+            }
+        }
+        assert!(cache.resyncs() > 0, "the cache lagged and re-listed");
+        assert_eq!(cache.snapshot(), s.range("g/").await.unwrap().kvs);
+        let r = s.put("g/x", v("1"), NO_LEASE).await.unwrap();
+        assert!(cache.wait_for(r, WAIT).await, "watching again");
+        assert_eq!(cache.get("g/x").unwrap().mod_revision, r);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lease_keeper_loss_and_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let s: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        // Revoked behind the keeper's back: it notices.
+        let keeper = LeaseKeeper::start(s.clone(), Duration::from_millis(300))
+            .await
+            .unwrap();
+        s.revoke_lease(keeper.id()).await.unwrap();
+        tokio::time::timeout(WAIT, keeper.lost())
+            .await
+            .expect("lost() resolves");
+        assert!(keeper.is_lost());
+        // Dropped: stops renewing but does not revoke.
+        let keeper = LeaseKeeper::start(s.clone(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        s.put("k", v("1"), keeper.id()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(s.get("k").await.unwrap().is_some());
+        drop(keeper);
+        assert!(s.get("k").await.unwrap().is_some(), "not revoked on drop");
+        let s2 = s.clone();
+        assert!(
+            eventually(WAIT, async || s2.get("k").await.unwrap().is_none()).await,
+            "expires after drop"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_by_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("embedded:{}", dir.path().join("sub").display());
+        let s = ferry_store::open(&url).await.unwrap();
+        s.put("a", v("1"), NO_LEASE).await.unwrap();
+        assert!(dir.path().join("sub/store.redb").exists());
+        assert!(matches!(
+            ferry_store::open("nope://x").await,
+            Err(StoreError::InvalidUrl(_))
+        ));
+        assert!(matches!(
+            ferry_store::open("embedded:").await,
+            Err(StoreError::InvalidUrl(_))
+        ));
+    }
+}
+
+// ------------------------------------------------------------ etcd only
+
+mod etcd_only {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_from_compacted_revision() {
+        let server = start_etcd().await;
+        let s = ferry_store::open(&server.url()).await.unwrap();
+        let r1 = s.put("a", v("1"), NO_LEASE).await.unwrap();
+        let r2 = s.put("a", v("2"), NO_LEASE).await.unwrap();
+        let mut client = etcd_client::Client::connect([server.endpoint()], None)
+            .await
+            .unwrap();
+        client.compact(r2, None).await.unwrap();
+        let mut st = s.watch("", r1).await.unwrap();
+        match tokio::time::timeout(WAIT, st.next()).await.unwrap() {
+            Some(Err(StoreError::Compacted { requested, oldest })) => {
+                assert_eq!((requested, oldest), (r1, r2))
+            }
+            other => panic!("expected Compacted, got {other:?}"),
+        }
+        assert!(st.next().await.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_etcd_is_unavailable_not_a_hang() {
+        let mut server = start_etcd().await;
+        let s = EtcdStore::connect(&[server.endpoint()]).await.unwrap();
+        s.put("a", v("1"), NO_LEASE).await.unwrap();
+        let mut st = s.watch("", 0).await.unwrap();
+        server.stop();
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(30), s.put("a", v("2"), NO_LEASE))
+            .await
+            .expect("bounded");
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        let item = tokio::time::timeout(Duration::from_secs(30), st.next())
+            .await
+            .expect("watch ends");
+        assert!(
+            matches!(item, Some(Err(StoreError::Unavailable(_)))),
+            "{item:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        // Connecting to nothing fails fast too.
+        let r = tokio::time::timeout(
+            Duration::from_secs(20),
+            EtcdStore::connect(&[server.endpoint()]),
+        )
+        .await;
+        assert!(matches!(r, Ok(Err(StoreError::Unavailable(_)))));
+    }
+
+    #[test]
+    fn server_is_killed_on_drop() {
+        let server = EtcdServer::start().unwrap();
+        let pid = server.pid();
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        assert!(server.url().starts_with("etcd://127.0.0.1:"));
+        drop(server);
+        // Reaped, so no zombie either.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+}
