@@ -1,0 +1,350 @@
+//! Native packages: a program run as a process per invocation.
+//!
+//! The package is unpacked (safely: no links, no `..`, no absolute paths) into
+//! `unpacked/<sha>/`. Each invocation runs its `entrypoint`:
+//!
+//! * **cwd**: a fresh scratch directory `scratch/<request-id>-<random>/`, removed
+//!   afterwards (also on timeout or when the invocation is abandoned). `HOME` and
+//!   `TMPDIR` point at it.
+//! * **environment**: cleared, then only `PATH=/usr/local/bin:/usr/bin:/bin`, `HOME`,
+//!   `TMPDIR`, `LANG=C.UTF-8`, `FERRY_FUNCTION`, `FERRY_VERSION`, `FERRY_REQUEST_ID`.
+//! * **I/O**: the input is written to stdin (concurrently with reading stdout, then
+//!   closed); stdout is the output, at most `max_output_bytes` (more: the process
+//!   group is killed and the outcome is `Failed`); the last `log_tail_bytes` of stderr
+//!   are the log tail.
+//! * **processes**: the entrypoint leads its own process group. On timeout the whole
+//!   group gets SIGKILL (background children included) and the outcome is `TimedOut`;
+//!   when the entrypoint exits, whatever it left running in its group is killed too.
+//!   A process that leaves the group (`setsid`) escapes this: confining that needs
+//!   cgroups.
+//! * **memory**: `RLIMIT_AS` (address space, per process) is set to
+//!   `limits.memory_mb` MiB, but never below [`MIN_ADDRESS_SPACE_MB`] since the
+//!   dynamic loader alone needs a few MiB. Address space is not resident memory:
+//!   programs that reserve large virtual ranges (JVMs, Go, some allocators) need a
+//!   higher limit than they use. A cgroup v2 memory limit per invocation (accounting
+//!   all processes and the page cache) is future work.
+//! * exit status 0 → `Succeeded(stdout)`; otherwise `FunctionError("exit status N:
+//!   <last stderr line>")` (or "killed by signal N").
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use ferry_core::{Error, ErrorCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use crate::tail::{Tail, last_line};
+use crate::{Config, Invocation, Outcome, Request, RuntimeError};
+
+/// The `PATH` a native function sees.
+pub const PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// The lowest `RLIMIT_AS` set, whatever `limits.memory_mb` says: below about 4 MiB not
+/// even `sh` and coreutils can map libc.
+pub const MIN_ADDRESS_SPACE_MB: u64 = 16;
+
+/// A prepared native function.
+#[derive(Clone, Debug)]
+pub(crate) struct NativeFunction {
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+fn invalid(msg: String) -> RuntimeError {
+    RuntimeError::Package(Error::new(ErrorCode::InvalidPackage, msg))
+}
+
+impl NativeFunction {
+    /// Unpacks the package into `dir` unless it is there already, and checks the
+    /// entrypoint is an executable file.
+    pub(crate) fn prepare(
+        bytes: &[u8],
+        dir: &Path,
+        entrypoint: &[String],
+        max_unpacked: u64,
+    ) -> Result<Self, RuntimeError> {
+        if !dir.exists() {
+            ferry_core::package::unpack(bytes, dir, max_unpacked).map_err(RuntimeError::Package)?;
+        }
+        let found = Self::find(dir, entrypoint);
+        if found.is_err() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        found
+    }
+
+    fn find(dir: &Path, entrypoint: &[String]) -> Result<Self, RuntimeError> {
+        let first = entrypoint.first().map(String::as_str).unwrap_or_default();
+        let rel = ferry_core::package::safe_path(first).ok_or_else(|| {
+            invalid(format!(
+                "entrypoint {first:?} must be a relative path inside the package"
+            ))
+        })?;
+        let program = dir.join(rel);
+        let meta = std::fs::metadata(&program)
+            .map_err(|e| invalid(format!("entrypoint {first:?} is not in the package: {e}")))?;
+        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+            return Err(invalid(format!(
+                "entrypoint {first:?} is not an executable file (chmod +x it before packing)"
+            )));
+        }
+        Ok(Self {
+            program,
+            args: entrypoint[1..].to_vec(),
+        })
+    }
+}
+
+/// Sends SIGKILL to a whole process group.
+#[allow(unsafe_code)]
+fn kill_group(pgid: u32) {
+    let Ok(pgid) = i32::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) has no memory-safety preconditions; the negative pid addresses
+    // only the process group the runtime created for this invocation.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+}
+
+/// Kills the group when dropped: also when the invocation future is abandoned.
+struct Group(u32);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        kill_group(self.0);
+    }
+}
+
+/// A scratch directory, removed by [`Scratch::remove`] or, failing that, when dropped.
+struct Scratch(Option<PathBuf>);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new("/nonexistent"))
+    }
+
+    /// Removes the directory off the async threads (it may hold large files).
+    async fn remove(mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            remove_dir(&dir);
+        }
+    }
+}
+
+fn remove_dir(dir: &Path) {
+    // A killed process may still be on its way out; try twice.
+    if std::fs::remove_dir_all(dir).is_err() && dir.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), "could not remove scratch directory: {e}");
+        }
+    }
+}
+
+/// A directory name from a request id: its safe characters, plus randomness so
+/// concurrent invocations never share one.
+fn scratch_name(request_id: &str) -> String {
+    let safe: String = request_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(64)
+        .collect();
+    if safe.is_empty() {
+        ferry_core::id::new_id()
+    } else {
+        format!("{safe}-{}", ferry_core::id::new_id())
+    }
+}
+
+#[allow(unsafe_code)]
+fn limit_address_space(cmd: &mut Command, memory_mb: u64) {
+    let bytes = memory_mb.max(MIN_ADDRESS_SPACE_MB).saturating_mul(1 << 20) as libc::rlim_t;
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: the closure runs in the forked child before exec; it only calls
+    // setrlimit(2), which is async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Reads a stream to its end; past `cap` bytes, kills the group and stops.
+async fn read_capped(mut r: impl AsyncRead + Unpin, cap: usize, pgid: u32) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return (out, false),
+            Ok(n) if out.len() + n > cap => {
+                kill_group(pgid);
+                return (out, true);
+            }
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn read_tail(mut r: impl AsyncRead + Unpin, tail: &Mutex<Tail>) {
+    let mut chunk = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        tail.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(&chunk[..n]);
+    }
+}
+
+/// Runs one invocation of a native function. Never fails: problems are outcomes.
+pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> Invocation {
+    let start = Instant::now();
+    let done = |outcome, log_tail| Invocation {
+        outcome,
+        log_tail,
+        duration: start.elapsed(),
+    };
+    let scratch = Scratch(Some(
+        cfg.cache_dir
+            .join("scratch")
+            .join(scratch_name(&req.request_id)),
+    ));
+    if let Err(e) = std::fs::create_dir_all(scratch.path()) {
+        return done(
+            Outcome::Failed(format!("create scratch directory: {e}")),
+            String::new(),
+        );
+    }
+    let mut cmd = Command::new(&f.program);
+    cmd.args(&f.args)
+        .current_dir(scratch.path())
+        .env_clear()
+        .env("PATH", PATH)
+        .env("HOME", scratch.path())
+        .env("TMPDIR", scratch.path())
+        .env("LANG", "C.UTF-8")
+        .env("FERRY_FUNCTION", &req.function)
+        .env("FERRY_VERSION", req.version.to_string())
+        .env("FERRY_REQUEST_ID", &req.request_id)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    limit_address_space(&mut cmd, req.limits.memory_mb);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return done(
+                Outcome::Failed(format!("could not start {}: {e}", f.program.display())),
+                String::new(),
+            );
+        }
+    };
+    let Some(pgid) = child.id() else {
+        return done(
+            Outcome::Failed("the process vanished right after starting".into()),
+            String::new(),
+        );
+    };
+    let group = Group(pgid);
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let tail = Arc::new(Mutex::new(Tail::new(cfg.log_tail_bytes)));
+    let tail_text = || tail.lock().unwrap_or_else(PoisonError::into_inner).text();
+
+    let run = async {
+        let wait = async {
+            let status = child.wait().await;
+            // The entrypoint is done: nothing it started may outlive it (and keep the
+            // pipes open).
+            kill_group(pgid);
+            status
+        };
+        let write = async {
+            if let Some(mut w) = stdin {
+                // A program that exits without reading its input is fine.
+                let _ = w.write_all(&req.input).await;
+            }
+        };
+        let read_out = async {
+            match stdout {
+                Some(r) => read_capped(r, cfg.max_output_bytes, pgid).await,
+                None => (Vec::new(), false),
+            }
+        };
+        let read_err = async {
+            if let Some(r) = stderr {
+                read_tail(r, &tail).await;
+            }
+        };
+        let (status, (out, overflow), (), ()) = tokio::join!(wait, read_out, read_err, write);
+        (status, out, overflow)
+    };
+    let timeout = Duration::from_millis(req.limits.timeout_ms);
+    let result = tokio::time::timeout(timeout, run).await;
+    let outcome = match result {
+        Err(_) => {
+            kill_group(pgid);
+            let _ = child.wait().await;
+            Outcome::TimedOut
+        }
+        Ok((_, _, true)) => {
+            Outcome::Failed(format!("output larger than {} bytes", cfg.max_output_bytes))
+        }
+        Ok((Err(e), _, _)) => Outcome::Failed(format!("waiting for the process: {e}")),
+        Ok((Ok(status), out, false)) => {
+            let log = tail_text();
+            let line = last_line(&log);
+            let how = match (status.code(), status.signal()) {
+                (Some(0), _) => None,
+                (Some(code), _) => Some(format!("exit status {code}")),
+                (None, Some(sig)) => Some(format!("killed by signal {sig}")),
+                (None, None) => Some("ended abnormally".to_string()),
+            };
+            match how {
+                None => Outcome::Succeeded(out),
+                Some(how) if line.is_empty() => Outcome::FunctionError(how),
+                Some(how) => Outcome::FunctionError(format!("{how}: {line}")),
+            }
+        }
+    };
+    drop(group);
+    scratch.remove().await;
+    done(outcome, tail_text())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_names_are_safe_and_unique() {
+        let a = scratch_name("../../etc");
+        assert!(a.starts_with("etc-"), "{a}");
+        assert_ne!(scratch_name("r1"), scratch_name("r1"));
+        assert!(!scratch_name("").is_empty());
+    }
+}

@@ -1,0 +1,190 @@
+//! A client for callers of Ferry's native HTTP API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ferry_sdk::client::ClientError> {
+//! let ferry = ferry_sdk::client::Client::new("http://127.0.0.1:7070", Some("TOKEN".into()));
+//! let out = ferry.invoke("hello", br#"{"name":"ada"}"#.to_vec()).await?;
+//! println!("{}", String::from_utf8_lossy(&out.body));
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+/// What went wrong with a call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway answered with an error (`{"error": {"code", "message"}}`).
+    #[error("{code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        request_id: String,
+    },
+    /// The gateway could not be reached, or the connection broke.
+    #[error("cannot reach {url}: {message}")]
+    Transport { url: String, message: String },
+    /// The gateway answered something this client does not understand.
+    #[error("unexpected response: {0}")]
+    Decode(String),
+}
+
+/// The result of a successful synchronous invocation.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub body: Vec<u8>,
+    pub version: Option<u32>,
+    pub node: Option<String>,
+    pub cold: bool,
+    pub request_id: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base_url: impl Into<String>, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Self {
+            base: base_url.into().trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = r.send().await.map_err(|e| ClientError::Transport {
+            url: self.base.clone(),
+            message: root_cause(&e),
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let e = &v["error"];
+        Err(ClientError::Api {
+            status,
+            code: e["code"].as_str().unwrap_or("http_error").to_string(),
+            message: e["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("HTTP {status}: {text}")),
+            request_id: e["request_id"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    async fn json(&self, r: reqwest::RequestBuilder) -> Result<serde_json::Value, ClientError> {
+        let resp = self.send(r).await?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// `GET path` → JSON.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.json(self.req(reqwest::Method::GET, path)).await
+    }
+
+    /// `POST path` with a JSON body → JSON.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(
+            self.req(reqwest::Method::POST, path)
+                .header("content-type", "application/json")
+                .body(bytes),
+        )
+        .await
+    }
+
+    /// Uploads a package (`.tar.gz` bytes) as the function's next version.
+    pub async fn deploy(
+        &self,
+        name: &str,
+        package: Vec<u8>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/v1/functions/{name}/versions"),
+            )
+            .header("content-type", "application/gzip")
+            .timeout(Duration::from_secs(600))
+            .body(package);
+        self.json(r).await
+    }
+
+    /// Invokes `name` (or `name:VERSION`) synchronously with a JSON body.
+    pub async fn invoke(&self, name: &str, input: Vec<u8>) -> Result<Invocation, ClientError> {
+        self.invoke_as(name, input, "application/json").await
+    }
+
+    /// Invokes with an explicit content type (`application/octet-stream` for raw bytes).
+    pub async fn invoke_as(
+        &self,
+        name: &str,
+        input: Vec<u8>,
+        content_type: &str,
+    ) -> Result<Invocation, ClientError> {
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/v1/functions/{name}/invoke"),
+            )
+            .header("content-type", content_type)
+            .body(input);
+        let resp = self.send(r).await?;
+        let h = resp.headers();
+        let header = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let version = header("x-ferry-version").and_then(|v| v.parse().ok());
+        let node = header("x-ferry-node");
+        let cold = header("x-ferry-cold").is_some_and(|v| v == "true");
+        let request_id = header("x-request-id");
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))?
+            .to_vec();
+        Ok(Invocation {
+            body,
+            version,
+            node,
+            cold,
+            request_id,
+        })
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
