@@ -1,0 +1,590 @@
+//! The node agent (order-client).
+//!
+//! Registers the node's resources with one order-server instance over a single gRPC
+//! stream, heartbeats on it, accepts or rejects each assignment against its own free
+//! capacity (the node is the truth about itself), fetches packages from a gateway by
+//! content hash into the runtime's cache, runs them, and reports results. When its
+//! instance goes away it reconnects to another; running functions are not interrupted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_core::model::{Capacity, GatewayRecord, OrderServerRecord};
+use ferry_core::package::Limits;
+use ferry_core::proto::{
+    self, Accept, Heartbeat, NodeMessage, Outcome, Register, Reject, ServerMessage, TaskResult,
+    node_message, server_message,
+};
+use ferry_core::{Error, ErrorCode, keys};
+use ferry_runtime::Runtime;
+use ferry_store::Store;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// A node agent's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node_id: String,
+    pub cluster: String,
+    /// Order-server URLs to attach to; empty: discover them in the store.
+    pub order_servers: Vec<String>,
+    /// Gateway URL to fetch packages from; `None`: discover one in the store.
+    pub gateway: Option<String>,
+    /// Bearer token for package fetches.
+    pub token: Option<String>,
+    pub cache_dir: PathBuf,
+    pub capacity: Capacity,
+    pub tags: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Longest pause between reconnection attempts.
+    pub reconnect_max: Duration,
+}
+
+impl Config {
+    /// Settings for this machine: its CPUs and memory, tagged `cpu`.
+    pub fn detect(node_id: impl Into<String>) -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1);
+        Self {
+            node_id: node_id.into(),
+            cluster: "local".into(),
+            order_servers: vec![],
+            gateway: None,
+            token: None,
+            cache_dir: PathBuf::from(".ferry/cache"),
+            capacity: Capacity {
+                cpu_millis: cpus * 1000,
+                memory_mb: memory_mb(),
+                gpus: 0,
+                fpga_slots: 0,
+                slots: 64,
+            },
+            tags: vec!["cpu".into()],
+            labels: BTreeMap::new(),
+            reconnect_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Total memory from /proc/meminfo (4 GiB when it cannot be read).
+fn memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(4096)
+}
+
+/// A running agent.
+pub struct Running {
+    pub node_id: String,
+    stop: watch::Sender<bool>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Closes the stream and stops; running functions are abandoned.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.join).await;
+    }
+}
+
+/// Starts the agent's connection loop.
+pub fn start(cfg: Config, store: Option<Arc<dyn Store>>, runtime: Runtime) -> Running {
+    let (stop, stop_rx) = watch::channel(false);
+    let node_id = cfg.node_id.clone();
+    let agent = Agent {
+        inner: Arc::new(Inner {
+            cfg,
+            store,
+            runtime,
+            http: reqwest::Client::new(),
+            outbound: Mutex::new(None),
+            undelivered: Mutex::new(Vec::new()),
+            used: Mutex::new(Capacity::default()),
+            preparing: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+        }),
+    };
+    let span = info_span!("node", node_id = %node_id);
+    let join = tokio::spawn(agent.run(stop_rx).instrument(span));
+    Running {
+        node_id,
+        stop,
+        join,
+    }
+}
+
+#[derive(Clone)]
+struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Config,
+    store: Option<Arc<dyn Store>>,
+    runtime: Runtime,
+    http: reqwest::Client,
+    /// The current stream's sender; `None` while disconnected.
+    outbound: Mutex<Option<mpsc::Sender<NodeMessage>>>,
+    /// Results finished while disconnected, sent on the next stream.
+    undelivered: Mutex<Vec<NodeMessage>>,
+    /// Resources reserved by accepted tasks.
+    used: Mutex<Capacity>,
+    /// One preparation at a time per package.
+    preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const MAX_UNDELIVERED: usize = 10_000;
+
+impl Agent {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        // Start at a node-specific instance so nodes spread over instances.
+        let mut next = self
+            .inner
+            .cfg
+            .node_id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        while !*stop.borrow() {
+            let servers = self.discover_servers().await;
+            if servers.is_empty() {
+                debug!("no order-server to attach to yet");
+            } else {
+                let url = &servers[next % servers.len()];
+                let attached_at = Instant::now();
+                match self.session(url, &mut stop).await {
+                    Ok(()) => {}
+                    Err(e) => warn!(order_server = %url, error = %e, "order-server stream ended"),
+                }
+                if attached_at.elapsed() > Duration::from_secs(5) {
+                    backoff = Duration::from_millis(100);
+                }
+                next = next.wrapping_add(1);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => {}
+            }
+            backoff = (backoff * 2).min(self.inner.cfg.reconnect_max);
+        }
+        *lock(&self.inner.outbound) = None;
+    }
+
+    async fn discover_servers(&self) -> Vec<String> {
+        if !self.inner.cfg.order_servers.is_empty() {
+            return self.inner.cfg.order_servers.clone();
+        }
+        let Some(store) = &self.inner.store else {
+            return vec![];
+        };
+        match store
+            .range(&keys::order_servers_of(&self.inner.cfg.cluster))
+            .await
+        {
+            Ok(r) => r
+                .kvs
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<OrderServerRecord>(&kv.value).ok())
+                .map(|r| r.addr)
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list order-servers");
+                vec![]
+            }
+        }
+    }
+
+    fn register_message(&self) -> NodeMessage {
+        let c = &self.inner.cfg;
+        NodeMessage {
+            msg: Some(node_message::Msg::Register(Register {
+                node_id: c.node_id.clone(),
+                capacity: Some(c.capacity.into()),
+                labels: c.labels.clone().into_iter().collect(),
+                tags: c.tags.clone(),
+                cached_packages: self.inner.runtime.cached_packages(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            })),
+        }
+    }
+
+    /// One attachment: register, heartbeat, serve assignments until the stream ends.
+    async fn session(&self, url: &str, stop: &mut watch::Receiver<bool>) -> Result<(), Error> {
+        let unavailable =
+            |e: &dyn std::fmt::Display| Error::new(ErrorCode::Unavailable, format!("{url}: {e}"));
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| unavailable(&e))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| unavailable(&e))?;
+        let mut client = proto::order_client::OrderClient::new(channel);
+        let (tx, rx) = mpsc::channel::<NodeMessage>(1024);
+        let _ = tx.send(self.register_message()).await;
+        let mut inbound = client
+            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| Error::from_status(&s))?
+            .into_inner();
+        let registered = match inbound
+            .message()
+            .await
+            .map_err(|s| Error::from_status(&s))?
+        {
+            Some(ServerMessage {
+                msg: Some(server_message::Msg::Registered(r)),
+            }) => r,
+            _ => {
+                return Err(Error::new(
+                    ErrorCode::Unavailable,
+                    "order-server did not confirm registration",
+                ));
+            }
+        };
+        info!(order_server = %registered.server_id, %url, "attached");
+        *lock(&self.inner.outbound) = Some(tx.clone());
+        let backlog = std::mem::take(&mut *lock(&self.inner.undelivered));
+        for msg in backlog {
+            let _ = tx.send(msg).await;
+        }
+        let heartbeat = tokio::spawn(self.clone().heartbeat_loop(
+            tx,
+            Duration::from_millis(registered.heartbeat_ms.max(50) as u64),
+        ));
+        let result = loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(m)) => self.handle(m),
+                    Ok(None) => break Ok(()),
+                    Err(s) => break Err(Error::from_status(&s)),
+                },
+                _ = stop.changed() => break Ok(()),
+            }
+        };
+        heartbeat.abort();
+        *lock(&self.inner.outbound) = None;
+        result
+    }
+
+    async fn heartbeat_loop(self, tx: mpsc::Sender<NodeMessage>, every: Duration) {
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            seq += 1;
+            let used = *lock(&self.inner.used);
+            let msg = NodeMessage {
+                msg: Some(node_message::Msg::Heartbeat(Heartbeat {
+                    seq,
+                    used: Some(used.into()),
+                    running: used.slots,
+                })),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sends on the current stream, or keeps the message for the next one.
+    fn send(&self, msg: NodeMessage) {
+        let tx = lock(&self.inner.outbound).clone();
+        let msg = match tx {
+            Some(tx) => match tx.try_send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) => m,
+            },
+            None => msg,
+        };
+        let mut pending = lock(&self.inner.undelivered);
+        if pending.len() < MAX_UNDELIVERED {
+            pending.push(msg);
+        }
+    }
+
+    fn handle(&self, msg: ServerMessage) {
+        match msg.msg {
+            Some(server_message::Msg::Assignment(a)) => self.assign(a),
+            Some(server_message::Msg::Cancel(c)) => {
+                if let Some(h) = lock(&self.inner.running).remove(&c.task_id) {
+                    info!(task_id = %c.task_id, "cancelling");
+                    h.abort();
+                }
+            }
+            Some(server_message::Msg::Prefetch(p)) => {
+                if let Some(spec) = p.function {
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        match agent.ensure_package(&spec).await {
+                            Ok(_) => {
+                                debug!(function = %spec.name, version = spec.version, "prefetched")
+                            }
+                            Err(e) => debug!(function = %spec.name, error = %e, "prefetch failed"),
+                        }
+                    });
+                }
+            }
+            Some(server_message::Msg::Registered(_)) | None => {}
+        }
+    }
+
+    /// Reserves the task's needs if they fit what this node has left.
+    fn reserve(&self, need: &Capacity) -> bool {
+        let cap = self.inner.cfg.capacity;
+        let mut used = lock(&self.inner.used);
+        let fits = used.slots < cap.slots
+            && used.cpu_millis + need.cpu_millis <= cap.cpu_millis
+            && used.memory_mb + need.memory_mb <= cap.memory_mb
+            && used.gpus + need.gpus <= cap.gpus;
+        if fits {
+            used.slots += 1;
+            used.cpu_millis += need.cpu_millis;
+            used.memory_mb += need.memory_mb;
+            used.gpus += need.gpus;
+        }
+        fits
+    }
+
+    fn release(&self, need: &Capacity) {
+        let mut used = lock(&self.inner.used);
+        used.slots = used.slots.saturating_sub(1);
+        used.cpu_millis = used.cpu_millis.saturating_sub(need.cpu_millis);
+        used.memory_mb = used.memory_mb.saturating_sub(need.memory_mb);
+        used.gpus = used.gpus.saturating_sub(need.gpus);
+    }
+
+    fn assign(&self, a: proto::Assignment) {
+        let Some(spec) = a.function.clone() else {
+            self.send(reject(&a, "assignment without a function"));
+            return;
+        };
+        let need = Capacity {
+            cpu_millis: spec.cpu_millis,
+            memory_mb: spec.memory_mb,
+            gpus: 0,
+            fpga_slots: 0,
+            slots: 1,
+        };
+        if !self.reserve(&need) {
+            self.send(reject(&a, "over capacity"));
+            return;
+        }
+        self.send(NodeMessage {
+            msg: Some(node_message::Msg::Accept(Accept {
+                task_id: a.task_id.clone(),
+                attempt: a.attempt,
+            })),
+        });
+        let agent = self.clone();
+        let task_id = a.task_id.clone();
+        let span = info_span!("task", function = %spec.name, task_id = %a.task_id, attempt = a.attempt, request_id = %a.request_id);
+        let handle = tokio::spawn(
+            async move {
+                let result = agent.run_task(a, spec).await;
+                agent.release(&need);
+                lock(&agent.inner.running).remove(&result.task_id);
+                agent.send(NodeMessage {
+                    msg: Some(node_message::Msg::Result(result)),
+                });
+            }
+            .instrument(span),
+        );
+        lock(&self.inner.running).insert(task_id, handle.abort_handle());
+    }
+
+    async fn run_task(&self, a: proto::Assignment, spec: proto::FunctionSpec) -> TaskResult {
+        let started = Instant::now();
+        let mut result = TaskResult {
+            task_id: a.task_id.clone(),
+            attempt: a.attempt,
+            ..TaskResult::default()
+        };
+        let cold = match self.ensure_package(&spec).await {
+            Ok(cold) => cold,
+            Err(e) => {
+                warn!(error = %e, "cannot prepare package");
+                result.set_outcome(Outcome::Failed);
+                result.error = e.message;
+                result.error_code = e.code.as_str().into();
+                result.duration_us = started.elapsed().as_micros() as u64;
+                return result;
+            }
+        };
+        result.cold = cold;
+        let req = ferry_runtime::Request {
+            input: a.input,
+            limits: Limits {
+                memory_mb: spec.memory_mb,
+                timeout_ms: spec.timeout_ms,
+                cpu_millis: spec.cpu_millis,
+            },
+            function: spec.name.clone(),
+            version: spec.version,
+            request_id: a.request_id,
+        };
+        match self.inner.runtime.invoke(&spec.package_sha256, req).await {
+            Ok(inv) => {
+                result.log_tail = inv.log_tail;
+                match inv.outcome {
+                    ferry_runtime::Outcome::Succeeded(out) => {
+                        result.set_outcome(Outcome::Succeeded);
+                        result.output = out;
+                    }
+                    ferry_runtime::Outcome::FunctionError(msg) => {
+                        result.set_outcome(Outcome::FunctionError);
+                        result.error = msg;
+                        result.error_code = ErrorCode::FunctionError.as_str().into();
+                    }
+                    ferry_runtime::Outcome::TimedOut => {
+                        result.set_outcome(Outcome::TimedOut);
+                        result.error = format!("timed out after {} ms", spec.timeout_ms);
+                        result.error_code = ErrorCode::Timeout.as_str().into();
+                    }
+                    ferry_runtime::Outcome::Failed(msg) => {
+                        result.set_outcome(Outcome::Failed);
+                        result.error = msg;
+                        result.error_code = ErrorCode::Internal.as_str().into();
+                    }
+                }
+            }
+            Err(e) => {
+                let e = Error::from(e);
+                result.set_outcome(Outcome::Failed);
+                result.error = e.message;
+                result.error_code = e.code.as_str().into();
+            }
+        }
+        result.duration_us = started.elapsed().as_micros() as u64;
+        result
+    }
+
+    /// Makes the package runnable: memory, then the disk cache, then a fetch from a
+    /// gateway (verified by hash in the runtime). Returns whether this was a cold start.
+    async fn ensure_package(&self, spec: &proto::FunctionSpec) -> Result<bool, Error> {
+        let sha = spec.package_sha256.clone();
+        if !ferry_core::id::valid_sha256(&sha) {
+            return Err(Error::new(
+                ErrorCode::BadRequest,
+                format!("invalid package hash {sha:?}"),
+            ));
+        }
+        if self.inner.runtime.is_prepared(&sha) {
+            return Ok(false);
+        }
+        let gate = lock(&self.inner.preparing)
+            .entry(sha.clone())
+            .or_default()
+            .clone();
+        let _held = gate.lock().await;
+        if self.inner.runtime.is_prepared(&sha) {
+            return Ok(true);
+        }
+        let rt = self.inner.runtime.clone();
+        let s = sha.clone();
+        let on_disk = tokio::task::spawn_blocking(move || rt.prepare_from_disk(&s))
+            .await
+            .map_err(|e| Error::internal(format!("prepare task: {e}")))?
+            .map_err(Error::from)?;
+        if !on_disk {
+            let bytes = self.fetch(&sha, spec.package_size).await?;
+            let rt = self.inner.runtime.clone();
+            let s = sha.clone();
+            tokio::task::spawn_blocking(move || rt.prepare(&s, &bytes))
+                .await
+                .map_err(|e| Error::internal(format!("prepare task: {e}")))?
+                .map_err(Error::from)?;
+        }
+        lock(&self.inner.preparing).remove(&sha);
+        Ok(true)
+    }
+
+    async fn gateway_url(&self) -> Result<String, Error> {
+        if let Some(g) = &self.inner.cfg.gateway {
+            return Ok(g.trim_end_matches('/').to_string());
+        }
+        let store = self
+            .inner
+            .store
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorCode::Unavailable, "no gateway configured"))?;
+        let r = store.range(keys::GATEWAYS).await.map_err(Error::from)?;
+        r.kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<GatewayRecord>(&kv.value).ok())
+            .map(|g| g.url.trim_end_matches('/').to_string())
+            .next()
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::Unavailable,
+                    "no gateway registered to fetch packages from",
+                )
+            })
+    }
+
+    async fn fetch(&self, sha: &str, expected_size: u64) -> Result<Vec<u8>, Error> {
+        let url = format!("{}/v1/packages/{sha}", self.gateway_url().await?);
+        let mut req = self.inner.http.get(&url).timeout(Duration::from_secs(300));
+        if let Some(t) = &self.inner.cfg.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("fetch package {sha}: {e}")))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let code = if status.as_u16() == 404 {
+                ErrorCode::PackageNotFound
+            } else {
+                ErrorCode::Unavailable
+            };
+            return Err(Error::new(
+                code,
+                format!("fetch package {sha}: HTTP {status}"),
+            ));
+        }
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("fetch package {sha}: {e}")))?;
+        if expected_size > 0 && bytes.len() as u64 != expected_size {
+            return Err(Error::new(
+                ErrorCode::InvalidPackage,
+                format!(
+                    "package {sha} is {} bytes, expected {expected_size}",
+                    bytes.len()
+                ),
+            ));
+        }
+        debug!(sha, bytes = bytes.len(), "fetched package");
+        Ok(bytes.to_vec())
+    }
+}
+
+fn reject(a: &proto::Assignment, reason: &str) -> NodeMessage {
+    NodeMessage {
+        msg: Some(node_message::Msg::Reject(Reject {
+            task_id: a.task_id.clone(),
+            attempt: a.attempt,
+            reason: reason.into(),
+        })),
+    }
+}

@@ -1,0 +1,131 @@
+//! The per-cluster central scheduler (order-server).
+//!
+//! Stateless and multi-instance: node agents attach to any instance over one gRPC
+//! stream, and an instance places work only on the nodes attached to it, so each node's
+//! capacity has exactly one owner. Heartbeats stay in memory; only transitions (node
+//! attached, node dead) are written to the store. The placement decision itself is the
+//! pure function in [`placement`]; this crate's other modules are the I/O shell.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_store::Store;
+
+pub mod placement;
+mod registry;
+mod service;
+
+pub use service::OrderService;
+
+/// An order-server instance's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Instance id; unique per process. Defaults to a fresh random id.
+    pub id: String,
+    pub cluster: String,
+    /// gRPC listen address (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Address other components dial, when it differs from the bound one.
+    pub advertise: Option<String>,
+    /// Interval node agents are told to heartbeat at.
+    pub heartbeat: Duration,
+    /// Silence after which a node is dead and its work fails over.
+    pub dead_after: Duration,
+    /// TTL of the instance's registration lease.
+    pub lease_ttl: Duration,
+    /// Time allowed on top of a function's timeout for fetching and compiling.
+    pub assignment_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            id: ferry_core::id::new_id(),
+            cluster: "local".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
+            advertise: None,
+            heartbeat: Duration::from_secs(1),
+            dead_after: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(10),
+            assignment_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrderServerError {
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] ferry_store::StoreError),
+}
+
+/// A running instance. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub id: String,
+    pub addr: SocketAddr,
+    /// The URL other components dial (`http://host:port`).
+    pub url: String,
+    service: OrderService,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Detaches every node, withdraws the registration and stops serving.
+    pub async fn shutdown(self) {
+        self.service.close().await;
+        let _ = self.shutdown.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.server).await;
+    }
+}
+
+/// Binds, registers in the store and serves until [`Running::shutdown`].
+pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, OrderServerError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| OrderServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| OrderServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let url = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let service = OrderService::start(cfg.clone(), url.clone(), store).await?;
+    let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+    let svc = service.clone();
+    let server = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(ferry_core::proto::order_server::OrderServer::new(svc))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "order-server stopped serving");
+        }
+    });
+    tracing::info!(id = %cfg.id, cluster = %cfg.cluster, %url, "order-server listening");
+    Ok(Running {
+        id: cfg.id,
+        addr,
+        url,
+        service,
+        shutdown,
+        server,
+    })
+}

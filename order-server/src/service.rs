@@ -1,0 +1,478 @@
+//! The gRPC service: node attachment streams, synchronous invocations, and the
+//! background duties of an instance (heartbeat reaping, registration, prefetch).
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_core::model::{Capacity, NodeRecord, NodeState, OrderServerRecord, VersionRecord};
+use ferry_core::proto::{
+    self, Assignment, InvokeReply, InvokeRequest, NodeMessage, Prefetch, Registered, ServerMessage,
+    node_message, server_message,
+};
+use ferry_core::{Error, ErrorCode, keys};
+use ferry_store::{EventKind, LeaseKeeper, Store};
+use futures::{Stream, StreamExt};
+use tokio::sync::{Notify, mpsc};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Config;
+use crate::placement::Need;
+use crate::registry::{Registry, Reply};
+
+/// Shared state of one instance; cheap to clone.
+#[derive(Clone)]
+pub struct OrderService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Config,
+    url: String,
+    store: Arc<dyn Store>,
+    nodes: Registry,
+    next_conn: AtomicU64,
+    /// Wakes the registration task when the attached set changes.
+    changed: Notify,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    lease: std::sync::Mutex<Option<Arc<LeaseKeeper>>>,
+}
+
+impl OrderService {
+    pub(crate) async fn start(
+        cfg: Config,
+        url: String,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, ferry_store::StoreError> {
+        let svc = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                url,
+                store,
+                nodes: Registry::default(),
+                next_conn: AtomicU64::new(1),
+                changed: Notify::new(),
+                tasks: std::sync::Mutex::new(Vec::new()),
+                lease: std::sync::Mutex::new(None),
+            }),
+        };
+        svc.register().await?;
+        let handles = vec![
+            tokio::spawn(svc.clone().reap_loop()),
+            tokio::spawn(svc.clone().registration_loop()),
+            tokio::spawn(svc.clone().prefetch_loop()),
+        ];
+        svc.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(handles);
+        Ok(svc)
+    }
+
+    /// Stops background work, drops every node stream and revokes the registration.
+    pub(crate) async fn close(&self) {
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+        self.inner.nodes.clear();
+        let lease = self
+            .inner
+            .lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(lease) = lease {
+            let _ = self.inner.store.revoke_lease(lease.id()).await;
+        }
+    }
+
+    fn current_lease(&self) -> Option<Arc<LeaseKeeper>> {
+        self.inner
+            .lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn record(&self) -> OrderServerRecord {
+        let (nodes, capacity) = self.inner.nodes.summary();
+        OrderServerRecord {
+            id: self.inner.cfg.id.clone(),
+            cluster: self.inner.cfg.cluster.clone(),
+            addr: self.inner.url.clone(),
+            nodes,
+            capacity,
+            started_ms: ferry_core::now_ms(),
+        }
+    }
+
+    /// Writes this instance's record under its lease (granting a new one if it was lost).
+    async fn register(&self) -> Result<(), ferry_store::StoreError> {
+        let keeper = match self.current_lease() {
+            Some(k) if !k.is_lost() => k,
+            _ => {
+                let k = Arc::new(
+                    LeaseKeeper::start(self.inner.store.clone(), self.inner.cfg.lease_ttl).await?,
+                );
+                *self.inner.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(k.clone());
+                k
+            }
+        };
+        let key = keys::order_server(&self.inner.cfg.cluster, &self.inner.cfg.id);
+        let value = serde_json::to_vec(&self.record()).unwrap_or_default();
+        self.inner.store.put(&key, value, keeper.id()).await?;
+        Ok(())
+    }
+
+    /// Re-writes the registration when the attached set changes or the lease is lost.
+    async fn registration_loop(self) {
+        loop {
+            let keeper = self.current_lease();
+            let lost = async {
+                match &keeper {
+                    Some(k) => k.lost().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.inner.changed.notified() => {}
+                _ = lost => warn!("order-server lease lost; registering again"),
+            }
+            if let Err(e) = self.register().await {
+                warn!(error = %e, "order-server registration failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.inner.changed.notify_one();
+            }
+        }
+    }
+
+    /// Declares silent nodes dead: their streams are closed, their waiting tasks fail
+    /// over, and the transition is written to the store.
+    async fn reap_loop(self) {
+        let period = self.inner.cfg.heartbeat.min(Duration::from_millis(500));
+        loop {
+            tokio::time::sleep(period).await;
+            for (id, conn, tx) in self.inner.nodes.silent(self.inner.cfg.dead_after) {
+                warn!(node_id = %id, "node missed heartbeats; declaring it dead");
+                let _ = tx.try_send(Err(Status::unavailable("heartbeat timeout")));
+                self.detach(&id, conn, "heartbeat timeout").await;
+            }
+        }
+    }
+
+    /// Tells attached nodes about each new version so they fetch and compile it before
+    /// its first invocation.
+    async fn prefetch_loop(self) {
+        loop {
+            let mut watch = match self.inner.store.watch(keys::VERSIONS, 0).await {
+                Ok(w) => w,
+                Err(e) => {
+                    debug!(error = %e, "prefetch watch failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(Ok(ev)) = watch.next().await {
+                if ev.kind != EventKind::Put {
+                    continue;
+                }
+                let Ok(v) = serde_json::from_slice::<VersionRecord>(&ev.kv.value) else {
+                    continue;
+                };
+                let msg = ServerMessage {
+                    msg: Some(server_message::Msg::Prefetch(Prefetch {
+                        function: Some(v.spec()),
+                    })),
+                };
+                for (node_id, tx) in self.inner.nodes.all() {
+                    if tx.try_send(Ok(msg.clone())).is_ok() {
+                        self.inner.nodes.note_package(&node_id, &v.sha256);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn detach(&self, node_id: &str, conn: u64, why: &str) {
+        let Some(attach_rev) = self.inner.nodes.detach(node_id, conn) else {
+            return;
+        };
+        info!(node_id, why, "node detached");
+        self.inner.changed.notify_one();
+        let record = NodeRecord {
+            id: node_id.to_string(),
+            cluster: self.inner.cfg.cluster.clone(),
+            state: NodeState::Dead,
+            order_server: self.inner.cfg.id.clone(),
+            capacity: Capacity::default(),
+            tags: vec![],
+            labels: Default::default(),
+            since_ms: ferry_core::now_ms(),
+        };
+        // Fenced on our own attach write: if the node has attached elsewhere since, the
+        // record is no longer ours to change.
+        let key = keys::node(&self.inner.cfg.cluster, node_id);
+        if attach_rev > 0
+            && let Err(e) = self
+                .inner
+                .store
+                .compare_and_put(
+                    &key,
+                    serde_json::to_vec(&record).unwrap_or_default(),
+                    attach_rev,
+                )
+                .await
+        {
+            warn!(node_id, error = %e, "could not record node detach");
+        }
+    }
+
+    async fn handle_node_message(&self, node_id: &str, conn: u64, msg: NodeMessage) {
+        let nodes = &self.inner.nodes;
+        match msg.msg {
+            Some(node_message::Msg::Heartbeat(_)) => nodes.heartbeat(node_id, conn),
+            Some(node_message::Msg::Accept(a)) => {
+                nodes.heartbeat(node_id, conn);
+                debug!(node_id, task_id = %a.task_id, attempt = a.attempt, "accepted");
+            }
+            Some(node_message::Msg::Reject(r)) => {
+                nodes.complete(node_id, conn, &r.task_id, Reply::Rejected(r.reason));
+            }
+            Some(node_message::Msg::Progress(p)) => {
+                debug!(node_id, task_id = %p.task_id, percent = p.percent, "progress");
+            }
+            Some(node_message::Msg::Result(r)) => {
+                nodes.heartbeat(node_id, conn);
+                let task_id = r.task_id.clone();
+                nodes.complete(node_id, conn, &task_id, Reply::Done(r));
+            }
+            Some(node_message::Msg::Register(_)) | None => {
+                debug!(node_id, "ignoring unexpected message on an attached stream");
+            }
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Status {
+    Error::new(ErrorCode::BadRequest, msg).to_status()
+}
+
+type AttachStream = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::order_server::Order for OrderService {
+    type AttachStream = AttachStream;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<AttachStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| bad("no Register message within 10 s"))??;
+        let Some(NodeMessage {
+            msg: Some(node_message::Msg::Register(reg)),
+        }) = first
+        else {
+            return Err(bad(
+                "the first message on an Attach stream must be Register",
+            ));
+        };
+        let id_ok = (1..=128).contains(&reg.node_id.len())
+            && reg
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !id_ok {
+            return Err(bad(format!("invalid node id {:?}", reg.node_id)));
+        }
+        let capacity = reg
+            .capacity
+            .as_ref()
+            .map(Capacity::from)
+            .unwrap_or_default();
+        let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        let node_id = reg.node_id.clone();
+        self.inner.nodes.attach(
+            &node_id,
+            conn,
+            capacity,
+            reg.tags.clone(),
+            reg.cached_packages.clone(),
+            tx.clone(),
+        );
+        let hello = ServerMessage {
+            msg: Some(server_message::Msg::Registered(Registered {
+                server_id: self.inner.cfg.id.clone(),
+                heartbeat_ms: self.inner.cfg.heartbeat.as_millis() as u32,
+            })),
+        };
+        let _ = tx.send(Ok(hello)).await;
+        info!(node_id = %node_id, ?capacity, tags = ?reg.tags, "node attached");
+
+        // Transition to the store: attached here, fenced by the revision we wrote.
+        let record = NodeRecord {
+            id: node_id.clone(),
+            cluster: self.inner.cfg.cluster.clone(),
+            state: NodeState::Attached,
+            order_server: self.inner.cfg.id.clone(),
+            capacity,
+            tags: reg.tags,
+            labels: reg.labels.into_iter().collect(),
+            since_ms: ferry_core::now_ms(),
+        };
+        let key = keys::node(&self.inner.cfg.cluster, &node_id);
+        match self
+            .inner
+            .store
+            .put(&key, serde_json::to_vec(&record).unwrap_or_default(), 0)
+            .await
+        {
+            Ok(rev) => self.inner.nodes.set_attach_rev(&node_id, conn, rev),
+            Err(e) => warn!(node_id = %node_id, error = %e, "could not record node attach"),
+        }
+        self.inner.changed.notify_one();
+
+        let svc = self.clone();
+        let reader = async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => svc.handle_node_message(&node_id, conn, msg).await,
+                    Ok(None) => break svc.detach(&node_id, conn, "stream closed").await,
+                    Err(e) => {
+                        break svc
+                            .detach(&node_id, conn, &format!("stream error: {}", e.message()))
+                            .await;
+                    }
+                }
+            }
+        };
+        tokio::spawn(reader.instrument(info_span!("node", node_id = %reg.node_id)));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn invoke(
+        &self,
+        request: Request<InvokeRequest>,
+    ) -> Result<Response<InvokeReply>, Status> {
+        let req = request.into_inner();
+        let spec = req
+            .function
+            .ok_or_else(|| bad("InvokeRequest.function is required"))?;
+        let span = info_span!("invoke", function = %spec.name, version = spec.version, request_id = %req.request_id);
+        self.invoke_inner(spec, req.input, req.request_id)
+            .instrument(span)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+}
+
+impl OrderService {
+    async fn invoke_inner(
+        &self,
+        spec: proto::FunctionSpec,
+        input: Vec<u8>,
+        request_id: String,
+    ) -> Result<InvokeReply, Error> {
+        let need = Need {
+            cpu_millis: spec.cpu_millis,
+            memory_mb: spec.memory_mb,
+            gpus: 0,
+            required_tags: vec![],
+        };
+        let deadline = Duration::from_millis(spec.timeout_ms) + self.inner.cfg.assignment_grace;
+        let started = Instant::now();
+        let mut excluded = HashSet::new();
+        // A node may reject (its own view of its capacity is the truth); try others.
+        for attempt in 1..=3u32 {
+            let task_id = ferry_core::id::new_id();
+            let Some(placed) =
+                self.inner
+                    .nodes
+                    .place(&task_id, &spec.package_sha256, &need, &excluded)
+            else {
+                break;
+            };
+            let assignment = ServerMessage {
+                msg: Some(server_message::Msg::Assignment(Assignment {
+                    task_id: task_id.clone(),
+                    attempt,
+                    epoch: 0,
+                    function: Some(spec.clone()),
+                    input: input.clone(),
+                    request_id: request_id.clone(),
+                })),
+            };
+            if placed.tx.send(Ok(assignment)).await.is_err() {
+                self.inner.nodes.abandon(&placed.node_id, &task_id);
+                excluded.insert(placed.node_id);
+                continue;
+            }
+            let left = deadline.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, placed.reply).await {
+                Ok(Ok(Reply::Done(r))) => {
+                    return Ok(InvokeReply {
+                        outcome: r.outcome,
+                        output: r.output,
+                        error: r.error,
+                        log_tail: r.log_tail,
+                        node_id: placed.node_id,
+                        duration_us: r.duration_us,
+                        cold: r.cold,
+                        error_code: r.error_code,
+                    });
+                }
+                Ok(Ok(Reply::Rejected(reason))) => {
+                    debug!(node_id = %placed.node_id, %reason, "assignment rejected; placing elsewhere");
+                    excluded.insert(placed.node_id);
+                }
+                Ok(Err(_)) => {
+                    return Err(Error::new(
+                        ErrorCode::NodeLost,
+                        format!(
+                            "node {} was lost while running the function",
+                            placed.node_id
+                        ),
+                    ));
+                }
+                Err(_) => {
+                    self.inner.nodes.abandon(&placed.node_id, &task_id);
+                    let cancel = ServerMessage {
+                        msg: Some(server_message::Msg::Cancel(proto::Cancel {
+                            task_id,
+                            attempt,
+                        })),
+                    };
+                    let _ = placed.tx.try_send(Ok(cancel));
+                    return Err(Error::new(
+                        ErrorCode::Timeout,
+                        format!("no result within {} ms", deadline.as_millis()),
+                    ));
+                }
+            }
+        }
+        Err(Error::new(
+            ErrorCode::NoCapacity,
+            format!(
+                "no attached node has room for {} ({} millicores, {} MiB)",
+                spec.name, spec.cpu_millis, spec.memory_mb
+            ),
+        ))
+    }
+}
