@@ -1,0 +1,649 @@
+//! Routes and handlers of the native API (`/v1/…`), health and metrics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_core::model::{FunctionRecord, NodeRecord, PackageRecord, VersionRecord};
+use ferry_core::proto::Outcome;
+use ferry_core::{Error, ErrorCode, keys};
+use ferry_store::{Compare, Op, Txn};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+
+type St = State<Arc<AppState>>;
+
+/// The request id: taken from `X-Request-Id` when sane, otherwise minted.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/functions", get(list_functions).post(create_function))
+        .route("/v1/functions/{name}", get(get_function))
+        .route(
+            "/v1/functions/{name}/versions",
+            get(list_versions).post(upload_version),
+        )
+        .route("/v1/functions/{name}/versions/{version}", get(get_version))
+        .route("/v1/functions/{name}/invoke", post(invoke))
+        .route("/v1/packages/{sha256}", get(get_package))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/clusters", get(list_clusters))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "method not allowed on this route",
+    )
+}
+
+/// Request ids, metrics, and the one place errors are logged and given their id.
+async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(ferry_core::id::new_id);
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    if let Some(err) = resp.extensions_mut().remove::<Error>() {
+        if err.code.http_status() >= 500 {
+            tracing::warn!(request_id = %id, %method, %route, code = %err.code, message = %err.message, "request failed");
+        } else {
+            tracing::debug!(request_id = %id, %method, %route, code = %err.code, message = %err.message, "request refused");
+        }
+        let status = resp.status();
+        resp = (status, Json(err.to_json(&id))).into_response();
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let code = resp.status().as_u16().to_string();
+    st.metrics
+        .requests
+        .with_label_values(&[&route, &code])
+        .inc();
+    st.metrics
+        .latency
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Every `/v1` route needs `Authorization: Bearer <token>`.
+async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
+        return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
+            .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(st): St) -> Response {
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        st.store.get(keys::ROUTING),
+    )
+    .await
+    {
+        Ok(Ok(_)) => (StatusCode::OK, "ready").into_response(),
+        _ => ApiError::new(ErrorCode::Unavailable, "store unreachable").into_response(),
+    }
+}
+
+async fn metrics(State(st): St) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// How much of an oversized body is read and dropped before answering 413.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Reads a body up to `limit` bytes; more is `payload_too_large`.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("request body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > limit as u64) {
+        // Read (and drop) a moderately oversized body so the client, still sending, gets
+        // the 413 rather than a broken pipe; a huge one just has its connection cut.
+        if n <= limit as u64 + DRAIN_LIMIT {
+            let mut body = body.into_data_stream();
+            while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {}
+        }
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let limited = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if limited {
+            too_large()
+        } else {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("cannot read request body: {e}"),
+            )
+        }
+    })
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        })
+}
+
+/// Parses a JSON body, telling malformed JSON (`invalid_json`) from a wrong shape.
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let code = if e.is_syntax() || e.is_eof() {
+            ErrorCode::InvalidJson
+        } else {
+            ErrorCode::BadRequest
+        };
+        ApiError::new(code, format!("request body: {e}"))
+    })
+}
+
+fn check_name(name: &str) -> ApiResult<()> {
+    if ferry_core::id::valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::InvalidName,
+            format!(
+                "{name:?} is not a valid function name (1-63 lowercase letters, digits or '-', starting with a letter)"
+            ),
+        ))
+    }
+}
+
+fn function_json(f: &FunctionRecord) -> serde_json::Value {
+    json!({
+        "name": f.name,
+        "description": f.description,
+        "latest_version": f.latest_version,
+        "created_ms": f.created_ms,
+        "updated_ms": f.updated_ms,
+    })
+}
+
+async fn list_functions(State(st): St) -> Json<serde_json::Value> {
+    let list: Vec<_> = st.catalog.list().iter().map(function_json).collect();
+    Json(json!({ "functions": list }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateFunction {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+async fn create_function(State(st): St, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let bytes = read_body(&headers, body, 64 << 10).await?;
+    let req: CreateFunction = parse_json(&bytes)?;
+    check_name(&req.name)?;
+    let now = ferry_core::now_ms();
+    let rec = FunctionRecord {
+        name: req.name.clone(),
+        description: req.description,
+        created_ms: now,
+        updated_ms: now,
+        latest_version: 0,
+    };
+    let key = keys::function(&req.name);
+    let r = st
+        .store
+        .txn(
+            Txn::new()
+                .when(Compare::absent(&key))
+                .then(Op::put(&key, serde_json::to_vec(&rec).unwrap_or_default())),
+        )
+        .await?;
+    if !r.succeeded {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!("function {:?} already exists", req.name),
+        ));
+    }
+    st.catalog.wait_for(r.revision).await;
+    Ok((StatusCode::CREATED, Json(function_json(&rec))).into_response())
+}
+
+async fn get_function(
+    State(st): St,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let f = st.catalog.function(&name).await?;
+    let mut v = function_json(&f);
+    v["versions"] = serde_json::to_value(
+        st.catalog
+            .versions_of(&name)
+            .iter()
+            .map(|r| r.as_ref())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    Ok(Json(v))
+}
+
+async fn list_versions(
+    State(st): St,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.catalog.function(&name).await?;
+    let list: Vec<VersionRecord> = st
+        .catalog
+        .versions_of(&name)
+        .iter()
+        .map(|r| (**r).clone())
+        .collect();
+    Ok(Json(json!({ "versions": list })))
+}
+
+async fn get_version(
+    State(st): St,
+    Path((name, version)): Path<(String, String)>,
+) -> ApiResult<Json<VersionRecord>> {
+    let v: u32 = version.parse().map_err(|_| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("version {version:?} is not a number"),
+        )
+    })?;
+    Ok(Json((*st.catalog.version(&name, Some(v)).await?).clone()))
+}
+
+/// Uploads a package as the function's next version. Everything is checked before
+/// anything is written: a refused package leaves no trace.
+async fn upload_version(
+    State(st): St,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    check_name(&name)?;
+    let bytes = read_body(&headers, body, st.cfg.max_package).await?;
+    let max_unpacked = st.cfg.max_unpacked;
+    let b = bytes.clone();
+    let inspected = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+        let i = ferry_core::package::inspect(&b, max_unpacked)?;
+        if i.manifest.kind == ferry_core::package::Kind::Wasm {
+            validate_component(&i.entry)?;
+        }
+        Ok((i.manifest, ferry_core::id::sha256_hex(&b)))
+    })
+    .await
+    .map_err(|e| Error::internal(format!("package check: {e}")))?;
+    let (manifest, sha) = inspected?;
+    if manifest.name != name {
+        return Err(ApiError::new(
+            ErrorCode::InvalidManifest,
+            format!(
+                "ferry.toml names function {:?}, but the upload is for {name:?}",
+                manifest.name
+            ),
+        ));
+    }
+    st.blobs.put(&sha, &bytes).await?;
+
+    // Commit version N+1 with a compare-and-swap on the function record; retry on races.
+    let fkey = keys::function(&name);
+    for _ in 0..16 {
+        let current = st.store.get(&fkey).await?;
+        let now = ferry_core::now_ms();
+        let (mut func, expected) = match &current {
+            Some(kv) => (
+                serde_json::from_slice::<FunctionRecord>(&kv.value)
+                    .map_err(|e| Error::internal(format!("function record: {e}")))?,
+                kv.mod_revision,
+            ),
+            None => (
+                FunctionRecord {
+                    name: name.clone(),
+                    description: manifest.description.clone(),
+                    created_ms: now,
+                    updated_ms: now,
+                    latest_version: 0,
+                },
+                0,
+            ),
+        };
+        if func.latest_version > 0 {
+            let latest = st.catalog.version(&name, Some(func.latest_version)).await?;
+            if latest.sha256 == sha {
+                // Same bytes as the latest version: nothing new to publish.
+                let mut body = serde_json::to_value(&*latest).unwrap_or_default();
+                body["unchanged"] = json!(true);
+                return Ok((StatusCode::OK, Json(body)).into_response());
+            }
+        }
+        func.latest_version += 1;
+        func.updated_ms = now;
+        if manifest.description.is_some() {
+            func.description = manifest.description.clone();
+        }
+        let version = VersionRecord {
+            name: name.clone(),
+            version: func.latest_version,
+            sha256: sha.clone(),
+            size: bytes.len() as u64,
+            kind: manifest.kind,
+            limits: manifest.limits,
+            created_ms: now,
+        };
+        let package = PackageRecord {
+            sha256: sha.clone(),
+            size: bytes.len() as u64,
+            kind: manifest.kind,
+            created_ms: now,
+        };
+        let txn = Txn::new()
+            .when(Compare::mod_revision(&fkey, expected))
+            .then(Op::put(
+                &fkey,
+                serde_json::to_vec(&func).unwrap_or_default(),
+            ))
+            .then(Op::put(
+                keys::version(&name, version.version),
+                serde_json::to_vec(&version).unwrap_or_default(),
+            ))
+            .then(Op::put(
+                keys::package(&sha),
+                serde_json::to_vec(&package).unwrap_or_default(),
+            ));
+        let r = st.store.txn(txn).await?;
+        if r.succeeded {
+            st.catalog.wait_for(r.revision).await;
+            tracing::info!(function = %name, version = version.version, sha256 = %sha, "version published");
+            return Ok((StatusCode::CREATED, Json(version)).into_response());
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        format!("too many concurrent uploads to {name:?}; try again"),
+    ))
+}
+
+/// A wasm entry must be a valid WebAssembly *component* (not a core module).
+fn validate_component(bytes: &[u8]) -> Result<(), Error> {
+    let invalid = |m: String| Error::new(ErrorCode::InvalidWasm, m);
+    if !wasmparser::Parser::is_component(bytes) {
+        return Err(invalid(if wasmparser::Parser::is_core_wasm(bytes) {
+            "the module is a core WebAssembly module; Ferry runs components (build for wasm32-wasip2)".into()
+        } else {
+            "the module is not WebAssembly".into()
+        }));
+    }
+    let mut validator = wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all());
+    validator
+        .validate_all(bytes)
+        .map(|_| ())
+        .map_err(|e| invalid(format!("invalid WebAssembly component: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvokeQuery {
+    version: Option<u32>,
+}
+
+/// `name` or `name:VERSION`.
+fn split_qualifier(name: &str) -> ApiResult<(&str, Option<u32>)> {
+    match name.split_once(':') {
+        None => Ok((name, None)),
+        Some((n, q)) => match q.parse::<u32>() {
+            Ok(v) => Ok((n, Some(v))),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::VersionNotFound,
+                format!("qualifier {q:?} is not a version number"),
+            )),
+        },
+    }
+}
+
+async fn invoke(
+    State(st): St,
+    axum::Extension(rid): axum::Extension<RequestId>,
+    Path(name): Path<String>,
+    query: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let (fname, qualified) = split_qualifier(&name)?;
+    let version = st.catalog.version(fname, q.version.or(qualified)).await?;
+    let input = read_body(&headers, body, st.cfg.max_body).await?;
+    if is_json(&headers) {
+        parse_json::<serde::de::IgnoredAny>(&input)?;
+    }
+    let reply = st
+        .router
+        .invoke(version.spec(), input, &rid.0, st.cfg.invoke_grace)
+        .await;
+    let ver = version.version.to_string();
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics
+                .invocations
+                .with_label_values(&[fname, &ver, e.code.as_str()])
+                .inc();
+            return Err(e.into());
+        }
+    };
+    let outcome = reply.outcome();
+    st.metrics
+        .invocations
+        .with_label_values(&[fname, &ver, outcome.as_str_name()])
+        .inc();
+    if reply.cold {
+        st.metrics.cold_starts.with_label_values(&[fname]).inc();
+    }
+    let mut resp = match outcome {
+        Outcome::Succeeded => {
+            let ct = if looks_like_json(&reply.output) {
+                "application/json"
+            } else {
+                "application/octet-stream"
+            };
+            let mut r = Response::new(Body::from(reply.output));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            r
+        }
+        Outcome::FunctionError => {
+            let mut r = ApiError::new(ErrorCode::FunctionError, reply.error).into_response();
+            r.headers_mut()
+                .insert("x-ferry-function-error", HeaderValue::from_static("true"));
+            r
+        }
+        Outcome::TimedOut => ApiError::new(ErrorCode::Timeout, reply.error).into_response(),
+        Outcome::Cancelled => {
+            ApiError::new(ErrorCode::Unavailable, "the invocation was cancelled").into_response()
+        }
+        Outcome::Failed | Outcome::Unspecified => {
+            let code = ErrorCode::parse(&reply.error_code).unwrap_or(ErrorCode::Internal);
+            let code = if code.http_status() < 500 {
+                ErrorCode::Internal
+            } else {
+                code
+            };
+            ApiError::new(
+                code,
+                format!("the platform could not run the function: {}", reply.error),
+            )
+            .into_response()
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        "x-ferry-function",
+        HeaderValue::from_str(fname).unwrap_or(HeaderValue::from_static("?")),
+    );
+    h.insert("x-ferry-version", HeaderValue::from(version.version));
+    h.insert("x-ferry-duration-us", HeaderValue::from(reply.duration_us));
+    h.insert(
+        "x-ferry-cold",
+        HeaderValue::from_static(if reply.cold { "true" } else { "false" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&reply.node_id) {
+        h.insert("x-ferry-node", v);
+    }
+    if !reply.log_tail.is_empty()
+        && headers.get("x-ferry-log").is_some_and(|v| v == "tail")
+        && let Ok(v) = HeaderValue::from_str(&base64(reply.log_tail.as_bytes()))
+    {
+        h.insert("x-ferry-log-tail", v);
+    }
+    Ok(resp)
+}
+
+fn looks_like_json(b: &[u8]) -> bool {
+    matches!(
+        b.iter().find(|c| !c.is_ascii_whitespace()),
+        Some(b'{') | Some(b'[')
+    )
+}
+
+/// Standard base64 (for log tails in headers).
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn get_package(State(st): St, Path(sha): Path<String>) -> ApiResult<Response> {
+    let bytes = st.blobs.get(&sha).await?;
+    Ok(([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response())
+}
+
+async fn list_nodes(State(st): St) -> ApiResult<Json<serde_json::Value>> {
+    let r = st.store.range(keys::NODES).await?;
+    let nodes: Vec<NodeRecord> = r
+        .kvs
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+        .collect();
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+async fn list_clusters(State(st): St) -> Json<serde_json::Value> {
+    Json(json!({ "clusters": st.router.table().clusters }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn qualifiers() {
+        assert_eq!(
+            split_qualifier("hello").unwrap_or(("x", None)),
+            ("hello", None)
+        );
+        assert_eq!(
+            split_qualifier("hello:3").unwrap_or(("x", None)),
+            ("hello", Some(3))
+        );
+        assert!(split_qualifier("hello:prod").is_err());
+    }
+
+    #[test]
+    fn component_validation_refuses_core_modules_and_garbage() {
+        let core = b"\0asm\x01\0\0\0";
+        assert_eq!(
+            validate_component(core).unwrap_err().code,
+            ErrorCode::InvalidWasm
+        );
+        assert_eq!(
+            validate_component(b"hello").unwrap_err().code,
+            ErrorCode::InvalidWasm
+        );
+    }
+}

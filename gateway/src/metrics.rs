@@ -1,0 +1,77 @@
+//! Prometheus metrics, `ferry_gateway_…`.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub invocations: IntCounterVec,
+    pub cold_starts: IntCounterVec,
+}
+
+impl Metrics {
+    #[allow(clippy::expect_used)] // Static metric definitions: a failure is a programming error.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "ferry_gateway_http_requests_total",
+                "HTTP requests by route and status code",
+            ),
+            &["route", "code"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "ferry_gateway_http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 10.0, 60.0,
+            ]),
+            &["route"],
+        )
+        .expect("valid metric");
+        let invocations = IntCounterVec::new(
+            Opts::new(
+                "ferry_gateway_invocations_total",
+                "Invocations by function, version and outcome",
+            ),
+            &["function", "version", "outcome"],
+        )
+        .expect("valid metric");
+        let cold_starts = IntCounterVec::new(
+            Opts::new(
+                "ferry_gateway_cold_starts_total",
+                "Invocations that fetched or compiled their package first",
+            ),
+            &["function"],
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(invocations.clone()),
+            Box::new(cold_starts.clone()),
+        ] {
+            registry.register(m).expect("metric registered once");
+        }
+        Self {
+            registry,
+            requests,
+            latency,
+            invocations,
+            cold_starts,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,128 @@
+//! Where a synchronous invocation goes: the routing table (published by the
+//! cluster-scheduler, watched here) picks a cluster by weight and an order-server in
+//! it round-robin; one gRPC channel per order-server is kept and multiplexed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ferry_core::model::{AdminState, RoutedServer, RoutingTable};
+use ferry_core::proto::{FunctionSpec, InvokeReply, InvokeRequest, order_client::OrderClient};
+use ferry_core::{Error, ErrorCode};
+use rand::Rng;
+use tonic::transport::Channel;
+
+#[derive(Default)]
+pub struct Router {
+    table: RwLock<Arc<RoutingTable>>,
+    clients: Mutex<HashMap<String, OrderClient<Channel>>>,
+    next: AtomicUsize,
+}
+
+impl Router {
+    pub fn set_table(&self, table: RoutingTable) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Order-servers to try, best first: one active cluster chosen by weight, its
+    /// instances (those with nodes) in round-robin order.
+    fn candidates(&self) -> Vec<RoutedServer> {
+        let table = self.table();
+        let live: Vec<_> = table
+            .clusters
+            .iter()
+            .filter(|c| {
+                c.admin_state == AdminState::Active && c.weight > 0 && !c.order_servers.is_empty()
+            })
+            .collect();
+        let total: u32 = live.iter().map(|c| c.weight).sum();
+        if total == 0 {
+            return vec![];
+        }
+        let mut pick = rand::rng().random_range(0..total);
+        let cluster = live.iter().find(|c| {
+            if pick < c.weight {
+                true
+            } else {
+                pick -= c.weight;
+                false
+            }
+        });
+        let Some(cluster) = cluster else {
+            return vec![];
+        };
+        let n = cluster.order_servers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| cluster.order_servers[(start + i) % n].clone())
+            .collect()
+    }
+
+    fn client(&self, addr: &str) -> Result<OrderClient<Channel>, Error> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| Error::internal(format!("bad order-server address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        let client = OrderClient::new(endpoint.connect_lazy());
+        clients.insert(addr.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Runs a synchronous invocation on some order-server, trying the next one when an
+    /// instance is unreachable or has no room.
+    pub async fn invoke(
+        &self,
+        spec: FunctionSpec,
+        input: bytes::Bytes,
+        request_id: &str,
+        grace: Duration,
+    ) -> Result<InvokeReply, Error> {
+        let candidates = self.candidates();
+        if candidates.is_empty() {
+            return Err(Error::new(
+                ErrorCode::NoCapacity,
+                "no cluster has an order-server with attached nodes",
+            ));
+        }
+        let timeout = Duration::from_millis(spec.timeout_ms) + grace;
+        let msg = InvokeRequest {
+            request_id: request_id.to_string(),
+            function: Some(spec),
+            input: input.to_vec(),
+        };
+        let mut last = None;
+        for server in candidates.iter().take(3) {
+            let mut client = self.client(&server.addr)?;
+            let mut req = tonic::Request::new(msg.clone());
+            req.set_timeout(timeout);
+            match client.invoke(req).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) => {
+                    let e = Error::from_status(&status);
+                    if matches!(e.code, ErrorCode::NoCapacity | ErrorCode::Unavailable) {
+                        tracing::debug!(order_server = %server.id, error = %e, "trying the next order-server");
+                        last = Some(e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            Error::new(
+                ErrorCode::NoCapacity,
+                "no order-server could take the invocation",
+            )
+        }))
+    }
+}
