@@ -1,0 +1,149 @@
+//! Each component on its own, for a real cluster (pointed at etcd).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_core::config::Env;
+
+use crate::ServeArgs;
+use crate::settings::{Settings, resolve_serve, socket_addr};
+
+async fn open_store(s: &Settings) -> anyhow::Result<std::sync::Arc<dyn ferry_store::Store>> {
+    let url = s
+        .store
+        .as_deref()
+        .context("no store: pass --store etcd://HOST:PORT (or embedded:DIR) or set FERRY_STORE")?;
+    ferry_store::open(url)
+        .await
+        .with_context(|| format!("open the store at {url}"))
+}
+
+pub async fn gateway(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let s = resolve_serve(&a, env)?;
+    let store = open_store(&s).await?;
+    let mut cfg = ferry_gateway::Config {
+        listen: socket_addr(s.listen.as_deref().unwrap_or("127.0.0.1:7070"))?,
+        public_url: s.advertise.clone(),
+        token: s
+            .token
+            .clone()
+            .context("a gateway needs a token: pass --token or set FERRY_TOKEN")?,
+        data_dir: s
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".ferry")),
+        ..Default::default()
+    };
+    if let Some(id) = s.id {
+        cfg.id = id;
+    }
+    let running = ferry_gateway::start(cfg, store)
+        .await
+        .context("start the gateway")?;
+    println!("gateway listening on {}", running.url);
+    crate::shutdown_signal().await;
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn order_server(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let s = resolve_serve(&a, env)?;
+    let store = open_store(&s).await?;
+    let mut cfg = ferry_order_server::Config {
+        listen: socket_addr(s.listen.as_deref().unwrap_or("127.0.0.1:7171"))?,
+        advertise: s.advertise.clone(),
+        ..Default::default()
+    };
+    if let Some(c) = s.cluster {
+        cfg.cluster = c;
+    }
+    if let Some(id) = s.id {
+        cfg.id = id;
+    }
+    let running = ferry_order_server::start(cfg, store)
+        .await
+        .context("start the order-server")?;
+    println!("order-server {} listening on {}", running.id, running.url);
+    crate::shutdown_signal().await;
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn order_client(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let s = resolve_serve(&a, env)?;
+    let store = if s.store.is_some() {
+        Some(open_store(&s).await?)
+    } else {
+        None
+    };
+    if store.is_none() && (s.order_servers.is_empty() || s.gateway.is_none()) {
+        anyhow::bail!("a node agent needs --store, or both --order-server and --gateway");
+    }
+    let node_id = s.id.clone().unwrap_or_else(default_node_id);
+    let mut cfg = ferry_order_client::Config::detect(node_id.clone());
+    if let Some(c) = s.cluster {
+        cfg.cluster = c;
+    }
+    cfg.order_servers = s.order_servers;
+    cfg.gateway = s.gateway;
+    cfg.token = s.token;
+    cfg.cache_dir = s
+        .data_dir
+        .unwrap_or_else(|| PathBuf::from(".ferry"))
+        .join("cache");
+    if let Some(v) = s.slots {
+        cfg.capacity.slots = v;
+    }
+    if let Some(v) = s.cpu_millis {
+        cfg.capacity.cpu_millis = v;
+    }
+    if let Some(v) = s.memory_mb {
+        cfg.capacity.memory_mb = v;
+    }
+    for t in s.tags {
+        if !cfg.tags.contains(&t) {
+            cfg.tags.push(t);
+        }
+    }
+    let runtime = ferry_runtime::Runtime::new(ferry_runtime::Config {
+        cache_dir: cfg.cache_dir.clone(),
+        ..Default::default()
+    })
+    .context("start the runtime")?;
+    let running = ferry_order_client::start(cfg, store, runtime);
+    println!("node agent {node_id} started");
+    crate::shutdown_signal().await;
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cluster_scheduler(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let s = resolve_serve(&a, env)?;
+    let store = open_store(&s).await?;
+    let running = ferry_cluster_scheduler::start(store)
+        .await
+        .context("start the cluster-scheduler")?;
+    println!("cluster-scheduler publishing the routing table");
+    crate::shutdown_signal().await;
+    running.shutdown();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let suffix = &ferry_core::id::new_id()[20..];
+    if host.is_empty() {
+        format!("node-{suffix}")
+    } else {
+        format!("{host}-{suffix}")
+    }
+}

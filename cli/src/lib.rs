@@ -1,0 +1,283 @@
+//! The `ferry` command: the single-machine cluster (`up`), each component on its own
+//! (`gateway`, `order-server`, `order-client`, `cluster-scheduler`), the client
+//! commands (`deploy`, `invoke`, `functions`, `nodes`, `clusters`), local runs (`run`)
+//! and benchmarks (`bench`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ferry_core::config::Env;
+
+pub mod bench;
+pub mod client;
+pub mod components;
+pub mod settings;
+pub mod up;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: serverless functions for media processing"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run everything on this machine in one process, on the embedded store.
+    Up(UpArgs),
+    /// Run a gateway (HTTP front door).
+    Gateway(ServeArgs),
+    /// Run an order-server (a cluster's central scheduler).
+    OrderServer(ServeArgs),
+    /// Run a node agent.
+    OrderClient(ServeArgs),
+    /// Run the cluster-scheduler (publishes the routing table).
+    ClusterScheduler(ServeArgs),
+    /// Package a function folder (its ferry.toml) and upload it as a new version.
+    Deploy(DeployArgs),
+    /// Invoke a function synchronously and print its output.
+    Invoke(InvokeArgs),
+    /// List functions and their latest versions.
+    Functions(ClientArgs),
+    /// List a function's versions.
+    Versions(VersionsArgs),
+    /// List node agents.
+    Nodes(ClientArgs),
+    /// Show the routing table (clusters and their order-servers).
+    Clusters(ClientArgs),
+    /// Run a function folder locally through the runtime, without any server.
+    Run(RunArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct UpArgs {
+    /// Config file (TOML); flags and FERRY_* variables override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Gateway address [env: FERRY_LISTEN] [default: 127.0.0.1:7070]
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Where data lives [env: FERRY_DATA_DIR] [default: ./.ferry]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Admin token [env: FERRY_TOKEN] [default: generated once, kept in DATA_DIR/token]
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Node agents to run [env: FERRY_NODES] [default: 2]
+    #[arg(long)]
+    pub nodes: Option<u32>,
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// Config file (TOML); flags and FERRY_* variables override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Store URL: etcd://HOST:PORT[,HOST:PORT] or embedded:DIR [env: FERRY_STORE]
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Listen address [env: FERRY_LISTEN]
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Token (gateway: the admin token; node agent: to fetch packages) [env: FERRY_TOKEN]
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Data directory (gateway packages, node cache) [env: FERRY_DATA_DIR]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Cluster name [env: FERRY_CLUSTER] [default: local]
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Instance or node id [env: FERRY_ID] [default: random / hostname-based]
+    #[arg(long)]
+    pub id: Option<String>,
+    /// URL others use to reach this component, when it differs from --listen [env: FERRY_ADVERTISE]
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Node agent: gateway to fetch packages from [env: FERRY_GATEWAY] [default: discovered in the store]
+    #[arg(long)]
+    pub gateway: Option<String>,
+    /// Node agent: order-server to attach to (repeatable) [default: discovered in the store]
+    #[arg(long = "order-server")]
+    pub order_servers: Vec<String>,
+    /// Node agent: concurrent tasks at most [env: FERRY_SLOTS] [default: 64]
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Node agent: CPU to offer, in millicores [default: all CPUs]
+    #[arg(long)]
+    pub cpu_millis: Option<u64>,
+    /// Node agent: memory to offer, in MiB [default: all memory]
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Node agent: extra tags (repeatable), e.g. gpu
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Gateway URL [env: FERRY_URL] [default: http://127.0.0.1:7070]
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Token [env: FERRY_TOKEN] [default: ./.ferry/token when present]
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Print raw JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeployArgs {
+    /// Folder holding ferry.toml
+    pub dir: PathBuf,
+    /// Run ferry.toml's [build] command first
+    #[arg(long)]
+    pub build: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InvokeArgs {
+    /// Function name, or NAME:VERSION
+    pub name: String,
+    /// Input: inline JSON, @FILE, or - for stdin [default: {}]
+    #[arg(long, short = 'd')]
+    pub data: Option<String>,
+    /// Send the input as raw bytes (application/octet-stream) instead of JSON
+    #[arg(long)]
+    pub raw: bool,
+    /// Print version, node and timing to stderr
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VersionsArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Folder holding ferry.toml
+    pub dir: PathBuf,
+    /// Input: inline JSON, @FILE, or - for stdin [default: {}]
+    #[arg(long, short = 'd')]
+    pub data: Option<String>,
+    /// Runtime cache folder [default: ./.ferry/run-cache]
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Runs a parsed command line; prints errors as one line and maps them to exit codes.
+pub fn main(cli: Cli, env: Env) -> ExitCode {
+    let default_log = match cli.command {
+        Command::Up(_)
+        | Command::Gateway(_)
+        | Command::OrderServer(_)
+        | Command::OrderClient(_)
+        | Command::ClusterScheduler(_) => "info",
+        _ => "warn",
+    };
+    ferry_core::telemetry::init(&env, default_log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.command, env)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+/// 2: bad usage or input; 3: not found; 4: the function failed; 1: anything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(ferry_sdk::client::ClientError::Api { status, code, .. }) = cause.downcast_ref()
+        {
+            return match (*status, code.as_str()) {
+                (_, "function_error") => 4,
+                (404, _) => 3,
+                (400..=499, _) => 2,
+                _ => 1,
+            };
+        }
+        if let Some(fe) = cause.downcast_ref::<ferry_core::Error>() {
+            return match fe.code.http_status() {
+                404 => 3,
+                400..=499 => 2,
+                _ => 1,
+            };
+        }
+    }
+    1
+}
+
+async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Up(a) => up::run(a, &env).await,
+        Command::Gateway(a) => components::gateway(a, &env).await,
+        Command::OrderServer(a) => components::order_server(a, &env).await,
+        Command::OrderClient(a) => components::order_client(a, &env).await,
+        Command::ClusterScheduler(a) => components::cluster_scheduler(a, &env).await,
+        Command::Deploy(a) => client::deploy(a, &env).await,
+        Command::Invoke(a) => client::invoke(a, &env).await,
+        Command::Functions(a) => client::functions(a, &env).await,
+        Command::Versions(a) => client::versions(a, &env).await,
+        Command::Nodes(a) => client::nodes(a, &env).await,
+        Command::Clusters(a) => client::clusters(a, &env).await,
+        Command::Run(a) => client::run_local(a).await,
+        Command::Bench(b) => bench::run(b, &env).await,
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}

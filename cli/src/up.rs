@@ -1,0 +1,181 @@
+//! `ferry up`: every component in one process on the embedded store. The same
+//! [`Cluster`] is the in-process harness the tests run against.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use ferry_core::config::Env;
+use ferry_store::Store;
+
+use crate::UpArgs;
+use crate::settings::{resolve_up, socket_addr};
+
+#[derive(Clone, Debug)]
+pub struct UpConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub nodes: u32,
+}
+
+/// A whole Ferry in one process.
+pub struct Cluster {
+    pub url: String,
+    pub token: String,
+    pub data_dir: PathBuf,
+    pub store: Arc<dyn Store>,
+    gateway: ferry_gateway::Running,
+    scheduler: ferry_cluster_scheduler::Running,
+    order_server: ferry_order_server::Running,
+    agents: Vec<ferry_order_client::Running>,
+}
+
+impl Cluster {
+    pub async fn start(cfg: UpConfig) -> anyhow::Result<Cluster> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("create {}", cfg.data_dir.display()))?;
+        let store_dir = cfg.data_dir.join("store");
+        let store = ferry_store::open(&format!("embedded:{}", store_dir.display()))
+            .await
+            .context("open the embedded store")?;
+        let scheduler = ferry_cluster_scheduler::start(store.clone())
+            .await
+            .context("start the cluster-scheduler")?;
+        let order_server = ferry_order_server::start(
+            ferry_order_server::Config {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Default::default()
+            },
+            store.clone(),
+        )
+        .await
+        .context("start the order-server")?;
+        let gateway = ferry_gateway::start(
+            ferry_gateway::Config {
+                listen: cfg.listen,
+                token: cfg.token.clone(),
+                data_dir: cfg.data_dir.clone(),
+                ..Default::default()
+            },
+            store.clone(),
+        )
+        .await
+        .context("start the gateway")?;
+        let mut agents = vec![];
+        for i in 1..=cfg.nodes {
+            let node_id = format!("node-{i}");
+            let cache_dir = cfg.data_dir.join("nodes").join(&node_id);
+            let runtime = ferry_runtime::Runtime::new(ferry_runtime::Config {
+                cache_dir: cache_dir.clone(),
+                ..Default::default()
+            })
+            .with_context(|| format!("start the runtime of {node_id}"))?;
+            let mut c = ferry_order_client::Config::detect(node_id);
+            c.order_servers = vec![order_server.url.clone()];
+            c.gateway = Some(gateway.url.clone());
+            c.token = Some(cfg.token.clone());
+            c.cache_dir = cache_dir;
+            agents.push(ferry_order_client::start(c, Some(store.clone()), runtime));
+        }
+        Ok(Cluster {
+            url: gateway.url.clone(),
+            token: cfg.token,
+            data_dir: cfg.data_dir,
+            store,
+            gateway,
+            scheduler,
+            order_server,
+            agents,
+        })
+    }
+
+    /// Waits (bounded) until `n` nodes are routable, so a first invocation finds them.
+    pub async fn wait_for_nodes(&self, n: u32, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(kv)) = self.store.get(ferry_core::keys::ROUTING).await
+                && let Ok(t) = serde_json::from_slice::<ferry_core::model::RoutingTable>(&kv.value)
+                && t.clusters
+                    .iter()
+                    .map(|c| c.order_servers.iter().map(|s| s.nodes).sum::<u32>())
+                    .sum::<u32>()
+                    >= n
+            {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    pub async fn shutdown(self) {
+        for a in self.agents {
+            a.shutdown().await;
+        }
+        self.gateway.shutdown().await;
+        self.order_server.shutdown().await;
+        self.scheduler.shutdown();
+    }
+}
+
+/// The admin token: given, or generated once and kept in `DATA_DIR/token` (mode 0600).
+pub fn load_or_create_token(data_dir: &Path, given: Option<String>) -> anyhow::Result<String> {
+    if let Some(t) = given {
+        return Ok(t);
+    }
+    let path = data_dir.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let token = ferry_core::id::new_secret();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(&path)
+        .with_context(|| format!("write {}", path.display()))?;
+    std::io::Write::write_all(&mut f, token.as_bytes())
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(token)
+}
+
+pub async fn run(args: UpArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let s = resolve_up(&args, env)?;
+    let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from(".ferry"));
+    let listen = socket_addr(s.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
+    let token = load_or_create_token(&data_dir, s.token)?;
+    let nodes = s.nodes.unwrap_or(2);
+    let cluster = Cluster::start(UpConfig {
+        listen,
+        data_dir: data_dir.clone(),
+        token: token.clone(),
+        nodes,
+    })
+    .await?;
+    cluster
+        .wait_for_nodes(nodes, std::time::Duration::from_secs(10))
+        .await;
+    println!(
+        "Ferry is up: gateway {} · {} node agents · data in {}",
+        cluster.url,
+        nodes,
+        data_dir.display()
+    );
+    println!("  export FERRY_URL={}", cluster.url);
+    println!("  export FERRY_TOKEN={token}");
+    println!(
+        "Try: ferry deploy functions/hello && ferry invoke hello --data '{{\"name\":\"ada\"}}'"
+    );
+    crate::shutdown_signal().await;
+    println!("Stopping…");
+    cluster.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}

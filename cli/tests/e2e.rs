@@ -1,0 +1,256 @@
+//! End-to-end: the real `ferry` binary, as separate processes, on a real etcd.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Proc, ferry, free_port};
+use ferry_sdk::client::Client;
+
+const TOKEN: &str = "e2e-token";
+
+fn component(name: &str, store: &str, args: &[&str]) -> Proc {
+    let mut cmd = ferry();
+    cmd.arg(name)
+        .args(args)
+        .env("FERRY_STORE", store)
+        .env("FERRY_TOKEN", TOKEN)
+        .stdout(Stdio::null());
+    Proc::spawn(name, &mut cmd)
+}
+
+async fn routable_nodes(client: &Client) -> u64 {
+    match client.get_json("/v1/clusters").await {
+        Ok(v) => v["clusters"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .flat_map(|c| c["order_servers"].as_array().cloned().unwrap_or_default())
+                    .map(|s| s["nodes"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_on_etcd_answer_100_invocations() {
+    let etcd = ferry_store::testing::EtcdServer::start().expect("start etcd");
+    let store = etcd.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let gw_port = free_port();
+    let gw_listen = format!("127.0.0.1:{gw_port}");
+
+    let _scheduler = component("cluster-scheduler", &store, &[]);
+    let _os1 = component(
+        "order-server",
+        &store,
+        &["--listen", "127.0.0.1:0", "--id", "os-1"],
+    );
+    let _os2 = component(
+        "order-server",
+        &store,
+        &["--listen", "127.0.0.1:0", "--id", "os-2"],
+    );
+    let _gateway = component(
+        "gateway",
+        &store,
+        &["--listen", &gw_listen, "--data-dir", &d("gateway")],
+    );
+    let _n1 = component(
+        "order-client",
+        &store,
+        &["--id", "node-a", "--data-dir", &d("node-a")],
+    );
+    let _n2 = component(
+        "order-client",
+        &store,
+        &["--id", "node-b", "--data-dir", &d("node-b")],
+    );
+
+    let client = Client::new(format!("http://{gw_listen}"), Some(TOKEN.into()));
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            routable_nodes(&client).await == 2
+        })
+        .await,
+        "both node agents attach and the routing table shows them"
+    );
+    let (_, pkg) = common::hello_package();
+    let v = client.deploy("hello", pkg).await.expect("deploy");
+    assert_eq!(v["version"], 1);
+
+    let mut by_node: BTreeMap<String, u32> = BTreeMap::new();
+    for i in 0..100 {
+        let name = format!("user-{i}");
+        let out = client
+            .invoke(
+                "hello",
+                serde_json::to_vec(&serde_json::json!({ "name": name })).unwrap(),
+            )
+            .await
+            .expect("invoke");
+        let body: serde_json::Value = serde_json::from_slice(&out.body).expect("JSON output");
+        assert_eq!(body["greeting"], format!("Hello, {name}!"), "answer {i}");
+        assert_eq!(out.version, Some(1));
+        *by_node.entry(out.node.unwrap_or_default()).or_default() += 1;
+    }
+    println!("invocations by node: {by_node:?}");
+    assert_eq!(by_node.values().sum::<u32>(), 100);
+    assert!(
+        by_node.keys().all(|n| n == "node-a" || n == "node-b"),
+        "{by_node:?}"
+    );
+
+    // The store knows both nodes as attached (transitions are recorded).
+    let nodes = client.get_json("/v1/nodes").await.unwrap();
+    let attached = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["state"] == "attached")
+        .count();
+    assert_eq!(attached, 2, "{nodes}");
+}
+
+fn run_cli(args: &[&str], url: &str, token: &str) -> (i32, String, String) {
+    let out = ferry()
+        .args(args)
+        .env("FERRY_URL", url)
+        .env("FERRY_TOKEN", token)
+        .current_dir(common::root())
+        .output()
+        .expect("run ferry");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn spawn_up(data_dir: &str, listen: &str) -> Proc {
+    let mut cmd = ferry();
+    cmd.args([
+        "up",
+        "--listen",
+        listen,
+        "--data-dir",
+        data_dir,
+        "--token",
+        TOKEN,
+    ])
+    .stdout(Stdio::null());
+    Proc::spawn("ferry up", &mut cmd)
+}
+
+async fn wait_healthy(url: &str) -> bool {
+    let http = reqwest::Client::new();
+    common::eventually(Duration::from_secs(30), || {
+        let http = http.clone();
+        async move {
+            http.get(format!("{url}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_up_deploy_invoke_from_the_command_line() {
+    common::hello_package(); // fails early, clearly, if the wasm is not built
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{listen}");
+    let mut up = spawn_up(&data, &listen);
+    assert!(wait_healthy(&url).await, "ferry up becomes ready");
+    let client = Client::new(url.clone(), Some(TOKEN.into()));
+    assert!(
+        common::eventually(Duration::from_secs(15), || async {
+            routable_nodes(&client).await == 2
+        })
+        .await
+    );
+
+    let (code, out, err) = run_cli(&["deploy", "functions/hello"], &url, TOKEN);
+    assert_eq!(code, 0, "deploy: {out} {err}");
+    assert!(
+        out.starts_with("hello version 1") && out.contains("sha256:"),
+        "{out}"
+    );
+
+    let (code, out, err) = run_cli(
+        &["invoke", "hello", "--data", r#"{"name":"ada"}"#],
+        &url,
+        TOKEN,
+    );
+    assert_eq!(code, 0, "invoke: {err}");
+    assert_eq!(out.trim(), r#"{"greeting":"Hello, ada!"}"#);
+
+    let input = dir.path().join("input.json");
+    std::fs::write(&input, r#"{"name":"file"}"#).unwrap();
+    let (code, out, _) = run_cli(
+        &[
+            "invoke",
+            "hello",
+            "--data",
+            &format!("@{}", input.display()),
+        ],
+        &url,
+        TOKEN,
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("Hello, file!"), "{out}");
+
+    // Errors: one readable line, a stable exit code.
+    let (code, _, err) = run_cli(&["invoke", "nope"], &url, TOKEN);
+    assert_eq!(code, 3, "unknown function exits 3: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("function_not_found"),
+        "{err}"
+    );
+    let (code, _, err) = run_cli(&["functions"], &url, "wrong");
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run_cli(&["deploy", "functions/does-not-exist"], &url, TOKEN);
+    assert_eq!(code, 2, "{err}");
+
+    let (code, out, _) = run_cli(&["functions"], &url, TOKEN);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("hello") && l.contains(" 1 ")),
+        "{out}"
+    );
+
+    // Restart: SIGTERM, start again on the same data dir, the function is still there.
+    let pid = up.pid() as i32;
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = up.child.wait();
+    let up2 = spawn_up(&data, &listen);
+    assert!(wait_healthy(&url).await, "ferry up comes back");
+    assert!(
+        common::eventually(Duration::from_secs(15), || async {
+            routable_nodes(&client).await == 2
+        })
+        .await
+    );
+    let (code, out, err) = run_cli(
+        &["invoke", "hello", "--data", r#"{"name":"again"}"#],
+        &url,
+        TOKEN,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Hello, again!"));
+    drop(up2);
+}
