@@ -156,27 +156,39 @@ async fn invoke(b: InvokeBench, env: &Env) -> anyhow::Result<ExitCode> {
         Duration::from_secs(1),
     )
     .await?;
-    let started = Instant::now();
-    let (lat, errors) = load(
-        &url,
-        &bearer,
-        Bytes::from(b.data.clone()),
-        b.concurrency,
-        Duration::from_secs(b.seconds),
-    )
-    .await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    let s = summarize(lat);
+    // Baselines measured in this same run, so the figures can be read on any machine:
+    // a bare HTTP server on loopback (the floor for one HTTP round trip with this load
+    // generator), and the runtime alone (instantiate + run + drop of the component).
+    let bare = BareHttp::start().await?;
+    let bare_url: hyper::Uri = format!("http://{}/", bare.addr)
+        .parse()
+        .context("bare URL")?;
+    let runtime_alone = runtime_baseline(&b.function, &b.data).await?;
+    // Latency is read with one caller (nothing queues); throughput with many (where
+    // latency is mostly queueing: in-flight / throughput, by Little's law).
+    for (label, callers, secs) in [
+        ("1 caller", 1, b.seconds.div_ceil(2)),
+        ("loaded", b.concurrency, b.seconds),
+    ] {
+        let body = Bytes::from(b.data.clone());
+        let (ferry, ferry_rate) = timed_load(&url, &bearer, body.clone(), callers, secs).await?;
+        let (base, base_rate) = timed_load(&bare_url, &bearer, body, callers, secs).await?;
+        println!(
+            "warm, {label} ({callers} in flight): ferry {ferry_rate:.0}/s, p50 {:.3} ms, p99 {:.3} ms ({} errors) · bare HTTP {base_rate:.0}/s, p50 {:.3} ms, p99 {:.3} ms · ferry/bare: p50 {:.1}x, throughput {:.2}x",
+            ferry.0.p50 as f64 / 1000.0,
+            ferry.0.p99 as f64 / 1000.0,
+            ferry.1,
+            base.0.p50 as f64 / 1000.0,
+            base.0.p99 as f64 / 1000.0,
+            ferry.0.p50 as f64 / base.0.p50.max(1) as f64,
+            ferry_rate / base_rate.max(1.0),
+        );
+    }
     println!(
-        "warm  : {} ok, {} errors · {:.0} invocations/s · p50 {:.3} ms · p99 {:.3} ms · mean {:.3} ms · max {:.1} ms",
-        s.count,
-        errors,
-        s.count as f64 / elapsed,
-        s.p50 as f64 / 1000.0,
-        s.p99 as f64 / 1000.0,
-        s.mean as f64 / 1000.0,
-        s.max as f64 / 1000.0
+        "runtime alone (instantiate + run + drop, one thread): p50 {} µs, p99 {} µs",
+        runtime_alone.p50, runtime_alone.p99
     );
+    bare.stop();
 
     // Cold starts: each run deploys a version with new bytes (a nonce file).
     let mut cold = vec![];
@@ -228,6 +240,99 @@ async fn invoke(b: InvokeBench, env: &Env) -> anyhow::Result<ExitCode> {
         c.shutdown().await;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs [`load`] for `secs` seconds: (latency summary, errors) and requests per second.
+async fn timed_load(
+    url: &hyper::Uri,
+    bearer: &str,
+    body: Bytes,
+    callers: usize,
+    secs: u64,
+) -> anyhow::Result<((Summary, usize), f64)> {
+    let started = Instant::now();
+    let (lat, errors) = load(url, bearer, body, callers, Duration::from_secs(secs)).await?;
+    let rate = lat.len() as f64 / started.elapsed().as_secs_f64();
+    Ok(((summarize(lat), errors), rate))
+}
+
+/// The smallest useful HTTP server: hyper, HTTP/1.1 keep-alive, a fixed JSON answer.
+struct BareHttp {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BareHttp {
+    async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("bind the bare server")?;
+        let addr = listener.local_addr().context("bare server address")?;
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        |req: hyper::Request<hyper::body::Incoming>| async move {
+                            let _ = req.into_body().collect().await;
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(br#"{"greeting":"Hello, ada!"}"#),
+                            )))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// The runtime alone: the function's component instantiated, run and dropped in a loop
+/// on one plain thread (no HTTP, no scheduling).
+async fn runtime_baseline(dir: &std::path::Path, data: &str) -> anyhow::Result<Summary> {
+    let (manifest, package) = ferry_core::package::pack_dir(dir)?;
+    let sha = ferry_core::id::sha256_hex(&package);
+    let cache = tempfile::tempdir().context("runtime cache dir")?;
+    let runtime = ferry_runtime::Runtime::new(ferry_runtime::Config {
+        cache_dir: cache.path().to_path_buf(),
+        ..Default::default()
+    })
+    .map_err(ferry_core::Error::from)?;
+    let req = ferry_runtime::Request {
+        input: data.as_bytes().to_vec(),
+        limits: manifest.limits,
+        function: manifest.name,
+        version: 1,
+        request_id: "bench".into(),
+    };
+    let handle = std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
+        runtime
+            .prepare(&sha, &package)
+            .map_err(ferry_core::Error::from)?;
+        let mut lat = Vec::with_capacity(20_000);
+        for i in 0..22_000 {
+            let t = Instant::now();
+            runtime
+                .invoke_wasm_blocking(&sha, &req)
+                .map_err(ferry_core::Error::from)?;
+            if i >= 2_000 {
+                lat.push(t.elapsed().as_micros() as u64);
+            }
+        }
+        Ok(lat)
+    });
+    let lat = tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .context("join")?
+        .map_err(|_| anyhow::anyhow!("runtime baseline panicked"))??;
+    Ok(summarize(lat))
 }
 
 fn token_of(a: &ClientArgs, env: &Env) -> Option<String> {

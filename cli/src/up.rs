@@ -77,8 +77,12 @@ impl Cluster {
             c.order_servers = vec![order_server.url.clone()];
             c.gateway = Some(gateway.url.clone());
             c.token = Some(cfg.token.clone());
-            c.cache_dir = cache_dir;
-            agents.push(ferry_order_client::start(c, Some(store.clone()), runtime));
+            c.cache_dir = cache_dir.clone();
+            agents.push(ferry_order_client::start(
+                c,
+                Some(store.clone()),
+                runtime.clone(),
+            ));
         }
         Ok(Cluster {
             url: gateway.url.clone(),

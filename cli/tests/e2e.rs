@@ -48,12 +48,12 @@ async fn separate_processes_on_etcd_answer_100_invocations() {
     let gw_listen = format!("127.0.0.1:{gw_port}");
 
     let _scheduler = component("cluster-scheduler", &store, &[]);
-    let _os1 = component(
+    let mut os1 = component(
         "order-server",
         &store,
         &["--listen", "127.0.0.1:0", "--id", "os-1"],
     );
-    let _os2 = component(
+    let mut os2 = component(
         "order-server",
         &store,
         &["--listen", "127.0.0.1:0", "--id", "os-2"],
@@ -117,6 +117,40 @@ async fn separate_processes_on_etcd_answer_100_invocations() {
         .filter(|n| n["state"] == "attached")
         .count();
     assert_eq!(attached, 2, "{nodes}");
+
+    // kill -9 the order-server that has nodes: they move to the other one, and
+    // invocations work again once they have (the gateway skips the dead instance).
+    let table = client.get_json("/v1/clusters").await.unwrap();
+    let busy = table["clusters"][0]["order_servers"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (victim, survivor) = if busy == "os-1" {
+        (&mut os1, "os-2")
+    } else {
+        (&mut os2, "os-1")
+    };
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    let moved = common::eventually(Duration::from_secs(30), || async {
+        let Ok(t) = client.get_json("/v1/clusters").await else {
+            return false;
+        };
+        let servers = t["clusters"][0]["order_servers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        servers.len() == 1 && servers[0]["id"] == survivor && servers[0]["nodes"] == 2
+    })
+    .await;
+    assert!(moved, "both nodes re-attach to {survivor}");
+    for i in 0..10 {
+        let out = client
+            .invoke("hello", format!(r#"{{"name":"after-{i}"}}"#).into_bytes())
+            .await
+            .expect("invoke after failover");
+        assert!(String::from_utf8_lossy(&out.body).contains(&format!("Hello, after-{i}!")));
+    }
 }
 
 fn run_cli(args: &[&str], url: &str, token: &str) -> (i32, String, String) {
