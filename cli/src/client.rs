@@ -17,7 +17,7 @@ fn txt(v: &serde_json::Value) -> String {
     }
 }
 
-use crate::{ClientArgs, DeployArgs, InvokeArgs, RunArgs, VersionsArgs};
+use crate::{ClientArgs, DeployArgs, InvokeArgs, RunArgs, TaskArgs, TasksArgs, VersionsArgs};
 
 /// Gateway URL and token: flag → FERRY_URL/FERRY_TOKEN → defaults (and `./.ferry/token`,
 /// which `ferry up` writes, so a local cluster needs no exports).
@@ -123,6 +123,27 @@ fn build(dir: &Path) -> anyhow::Result<()> {
 pub async fn invoke(a: InvokeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let input = read_input(a.data.as_deref())?;
     let client = connect(&a.client, env);
+    if a.is_async {
+        let opts = ferry_sdk::client::SubmitOptions {
+            priority: a.priority.clone(),
+            idempotency_key: a.idempotency_key.clone(),
+            callback_url: None,
+            content_type: a.raw.then(|| "application/octet-stream".to_string()),
+        };
+        let id = client
+            .submit(&a.name, input, &opts)
+            .await
+            .with_context(|| format!("submit {}", a.name))?;
+        if !a.wait {
+            println!("{id}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        let t = client
+            .wait(&id, std::time::Duration::from_secs(3600))
+            .await
+            .context("wait for the task")?;
+        return print_task_result(&t);
+    }
     let ct = if a.raw {
         "application/octet-stream"
     } else {
@@ -148,6 +169,99 @@ pub async fn invoke(a: InvokeArgs, env: &Env) -> anyhow::Result<ExitCode> {
             if out.cold { "cold · " } else { "" },
             started.elapsed().as_secs_f64() * 1000.0,
             out.request_id.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a finished task's output (exit 0) or its error (exit 4: the function failed,
+/// 1: anything else).
+fn print_task_result(t: &serde_json::Value) -> anyhow::Result<ExitCode> {
+    match t["state"].as_str().unwrap_or_default() {
+        "succeeded" => {
+            use base64::Engine;
+            let out = base64::engine::general_purpose::STANDARD
+                .decode(t["output_base64"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            std::io::stdout().write_all(&out).context("write output")?;
+            if !out.ends_with(b"\n") && !out.is_empty() {
+                println!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        state => {
+            eprintln!(
+                "error: task {} {state}: {}",
+                txt(&t["id"]),
+                txt(&t["error"])
+            );
+            Ok(ExitCode::from(if state == "failed" { 4 } else { 1 }))
+        }
+    }
+}
+
+pub async fn task(a: TaskArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let client = connect(&a.client, env);
+    let t = match a.wait {
+        Some(secs) => {
+            client
+                .wait(&a.id, std::time::Duration::from_secs(secs))
+                .await
+        }
+        None => client.task(&a.id).await,
+    }
+    .with_context(|| format!("task {}", a.id))?;
+    print_json(&t);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cancel(a: TaskArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let t = connect(&a.client, env)
+        .cancel(&a.id)
+        .await
+        .with_context(|| format!("cancel {}", a.id))?;
+    println!(
+        "{} {}",
+        txt(&t["id"]),
+        if t["state"] == "cancelled" {
+            "cancelled"
+        } else {
+            "cancellation requested"
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn tasks(a: TasksArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let mut path = format!("/v1/tasks?limit={}", a.limit);
+    if let Some(f) = &a.function {
+        path.push_str(&format!("&function={f}"));
+    }
+    if let Some(s) = &a.state {
+        path.push_str(&format!("&state={s}"));
+    }
+    let v = connect(&a.client, env)
+        .get_json(&path)
+        .await
+        .context("list tasks")?;
+    if a.client.json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<16} {:>4} {:<10} {:<9} {:>4}  ERROR",
+        "TASK", "FUNCTION", "VER", "STATE", "PRIORITY", "TRY"
+    );
+    for t in v["tasks"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<28} {:<16} {:>4} {:<10} {:<9} {:>4}  {}",
+            txt(&t["id"]),
+            txt(&t["function"]),
+            txt(&t["version"]),
+            txt(&t["state"]),
+            txt(&t["priority"]),
+            txt(&t["attempt"]),
+            txt(&t["error"])
         );
     }
     Ok(ExitCode::SUCCESS)

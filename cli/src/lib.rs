@@ -42,6 +42,12 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Invoke a function synchronously and print its output.
     Invoke(InvokeArgs),
+    /// Show one async task (`--wait` until it ends).
+    Task(TaskArgs),
+    /// List async tasks, newest first.
+    Tasks(TasksArgs),
+    /// Cancel an async task.
+    Cancel(TaskArgs),
     /// List functions and their latest versions.
     Functions(ClientArgs),
     /// List a function's versions.
@@ -159,6 +165,41 @@ pub struct InvokeArgs {
     /// Print version, node and timing to stderr
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// Submit as an async task and print its id (durable, retried)
+    #[arg(long = "async")]
+    pub is_async: bool,
+    /// With --async: wait for the task to end and print its output
+    #[arg(long)]
+    pub wait: bool,
+    /// With --async: critical, normal or batch
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// With --async: the same key within 24 h returns the same task
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TaskArgs {
+    pub id: String,
+    /// Wait (up to this many seconds) until the task ends
+    #[arg(long)]
+    pub wait: Option<u64>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TasksArgs {
+    #[arg(long)]
+    pub function: Option<String>,
+    /// queued, running, succeeded, failed, timed_out, cancelled or dead
+    #[arg(long)]
+    pub state: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -252,6 +293,9 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::ClusterScheduler(a) => components::cluster_scheduler(a, &env).await,
         Command::Deploy(a) => client::deploy(a, &env).await,
         Command::Invoke(a) => client::invoke(a, &env).await,
+        Command::Task(a) => client::task(a, &env).await,
+        Command::Tasks(a) => client::tasks(a, &env).await,
+        Command::Cancel(a) => client::cancel(a, &env).await,
         Command::Functions(a) => client::functions(a, &env).await,
         Command::Versions(a) => client::versions(a, &env).await,
         Command::Nodes(a) => client::nodes(a, &env).await,

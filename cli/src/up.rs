@@ -115,6 +115,14 @@ impl Cluster {
         false
     }
 
+    /// Stops node agent `index` (0-based), as if its machine went away: its stream
+    /// closes and the order-server fails its work over.
+    pub async fn stop_node(&mut self, index: usize) {
+        if index < self.agents.len() {
+            self.agents.remove(index).shutdown().await;
+        }
+    }
+
     pub async fn shutdown(self) {
         for a in self.agents {
             a.shutdown().await;

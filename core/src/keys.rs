@@ -58,6 +58,47 @@ pub fn node(cluster: &str, id: &str) -> String {
 /// The routing table the cluster-scheduler publishes and every gateway watches.
 pub const ROUTING: &str = "/ferry/routing";
 
+/// `TaskRecord` per async task (ids sort by creation time).
+pub const TASKS: &str = "/ferry/tasks/";
+pub fn task(id: &str) -> String {
+    format!("{TASKS}{id}")
+}
+
+/// `QueueEntry` per queued task, per cluster: written in the same transaction as the
+/// task, so its mod_revision is the task's; order-servers claim from here.
+pub const QUEUE: &str = "/ferry/queue/";
+pub fn queue_of(cluster: &str) -> String {
+    format!("{QUEUE}{cluster}/")
+}
+pub fn queued(cluster: &str, task_id: &str) -> String {
+    format!("{QUEUE}{cluster}/{task_id}")
+}
+
+/// One key per running task, under the order-server instance that owns it, so
+/// orphans of a dead instance can be found and re-queued.
+pub const RUNNING: &str = "/ferry/running/";
+pub fn running_of(cluster: &str) -> String {
+    format!("{RUNNING}{cluster}/")
+}
+pub fn running(cluster: &str, instance: &str, task_id: &str) -> String {
+    format!("{RUNNING}{cluster}/{instance}/{task_id}")
+}
+
+/// A cancellation request for a running task (the owner tells the node).
+pub const CANCELS: &str = "/ferry/cancel/";
+pub fn cancel(task_id: &str) -> String {
+    format!("{CANCELS}{task_id}")
+}
+
+/// Idempotency keys: `{scope}/{sha256 of the key}` → the task id.
+pub const IDEMPOTENCY: &str = "/ferry/idem/";
+pub fn idempotency(scope: &str, key: &str) -> String {
+    format!(
+        "{IDEMPOTENCY}{scope}/{}",
+        crate::id::sha256_hex(key.as_bytes())
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ pub mod id;
 pub mod keys;
 pub mod model;
 pub mod package;
+pub mod task;
 pub mod telemetry;
 
 /// Generated code for `proto/order.proto`.

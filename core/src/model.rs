@@ -26,6 +26,8 @@ pub struct VersionRecord {
     pub size: u64,
     pub kind: Kind,
     pub limits: Limits,
+    #[serde(default)]
+    pub retry: crate::task::RetryPolicy,
     pub created_ms: u64,
 }
 

@@ -95,6 +95,9 @@ pub struct Manifest {
     pub entrypoint: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
+    /// Async tasks: attempts, backoff, maximum age.
+    #[serde(default)]
+    pub retry: crate::task::RetryPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<Build>,
 }
@@ -148,6 +151,9 @@ impl Manifest {
         }
         if !(1..=1_024_000).contains(&l.cpu_millis) {
             return bad("ferry.toml: limits.cpu_millis must be 1..=1024000".into());
+        }
+        if !(1..=100).contains(&self.retry.max_attempts) {
+            return bad("ferry.toml: retry.max_attempts must be 1..=100".into());
         }
         Ok(())
     }

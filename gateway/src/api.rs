@@ -36,6 +36,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/functions/{name}/versions/{version}", get(get_version))
         .route("/v1/functions/{name}/invoke", post(invoke))
+        .route("/v1/functions/{name}/tasks", post(crate::tasks::submit))
+        .route("/v1/tasks", get(crate::tasks::list))
+        .route("/v1/tasks/{id}", get(crate::tasks::get))
+        .route("/v1/tasks/{id}/cancel", post(crate::tasks::cancel))
         .route("/v1/packages/{sha256}", get(get_package))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/clusters", get(list_clusters))
@@ -147,7 +151,7 @@ async fn metrics(State(st): St) -> Response {
 const DRAIN_LIMIT: u64 = 64 << 20;
 
 /// Reads a body up to `limit` bytes; more is `payload_too_large`.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<Bytes> {
     let too_large = || {
         ApiError::new(
             ErrorCode::PayloadTooLarge,
@@ -181,7 +185,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> ApiResult<B
     })
 }
 
-fn is_json(headers: &HeaderMap) -> bool {
+pub(crate) fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -193,7 +197,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Parses a JSON body, telling malformed JSON (`invalid_json`) from a wrong shape.
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     serde_json::from_slice(bytes).map_err(|e| {
         let code = if e.is_syntax() || e.is_eof() {
             ErrorCode::InvalidJson
@@ -391,6 +395,7 @@ async fn upload_version(
             size: bytes.len() as u64,
             kind: manifest.kind,
             limits: manifest.limits,
+            retry: manifest.retry,
             created_ms: now,
         };
         let package = PackageRecord {
@@ -450,7 +455,7 @@ struct InvokeQuery {
 }
 
 /// `name` or `name:VERSION`.
-fn split_qualifier(name: &str) -> ApiResult<(&str, Option<u32>)> {
+pub(crate) fn split_qualifier(name: &str) -> ApiResult<(&str, Option<u32>)> {
     match name.split_once(':') {
         None => Ok((name, None)),
         Some((n, q)) => match q.parse::<u32>() {

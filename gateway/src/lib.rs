@@ -21,6 +21,7 @@ mod catalog;
 pub mod error;
 mod metrics;
 mod routing;
+mod tasks;
 
 /// A gateway's settings.
 #[derive(Clone, Debug)]

@@ -63,6 +63,38 @@ impl Router {
             .collect()
     }
 
+    /// The cluster a new async task is queued in: an active one, by weight, preferring
+    /// clusters that have nodes now. `None` when no cluster is known at all.
+    pub fn pick_cluster(&self) -> Option<String> {
+        let table = self.table();
+        let active: Vec<_> = table
+            .clusters
+            .iter()
+            .filter(|c| c.admin_state == AdminState::Active && c.weight > 0)
+            .collect();
+        let with_nodes: Vec<_> = active.iter().copied().filter(|c| c.nodes > 0).collect();
+        let pool = if with_nodes.is_empty() {
+            active
+        } else {
+            with_nodes
+        };
+        let total: u32 = pool.iter().map(|c| c.weight).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut pick = rand::rng().random_range(0..total);
+        pool.iter()
+            .find(|c| {
+                if pick < c.weight {
+                    true
+                } else {
+                    pick -= c.weight;
+                    false
+                }
+            })
+            .map(|c| c.name.clone())
+    }
+
     fn client(&self, addr: &str) -> Result<OrderClient<Channel>, Error> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(addr) {

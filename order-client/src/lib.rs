@@ -142,7 +142,9 @@ struct Inner {
     used: Mutex<Capacity>,
     /// One preparation at a time per package.
     preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+    /// Tasks running here: whoever removes an entry (the task when it ends, or a
+    /// cancellation) releases its reservation and reports its result, exactly once.
+    running: Mutex<HashMap<String, (futures::future::AbortHandle, Capacity, u32)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -324,9 +326,22 @@ impl Agent {
         match msg.msg {
             Some(server_message::Msg::Assignment(a)) => self.assign(a),
             Some(server_message::Msg::Cancel(c)) => {
-                if let Some(h) = lock(&self.inner.running).remove(&c.task_id) {
+                let entry = lock(&self.inner.running).remove(&c.task_id);
+                if let Some((abort, need, attempt)) = entry {
                     info!(task_id = %c.task_id, "cancelling");
-                    h.abort();
+                    abort.abort();
+                    self.release(&need);
+                    let result = TaskResult {
+                        task_id: c.task_id,
+                        attempt,
+                        outcome: Outcome::Cancelled as i32,
+                        error: "cancelled".into(),
+                        error_code: ErrorCode::Unavailable.as_str().into(),
+                        ..TaskResult::default()
+                    };
+                    self.send(NodeMessage {
+                        msg: Some(node_message::Msg::Result(result)),
+                    });
                 }
             }
             Some(server_message::Msg::Prefetch(p)) => {
@@ -394,20 +409,19 @@ impl Agent {
             })),
         });
         let agent = self.clone();
-        let task_id = a.task_id.clone();
         let span = info_span!("task", function = %spec.name, task_id = %a.task_id, attempt = a.attempt, request_id = %a.request_id);
-        let handle = tokio::spawn(
-            async move {
-                let result = agent.run_task(a, spec).await;
+        let (abort, registration) = futures::future::AbortHandle::new_pair();
+        lock(&self.inner.running).insert(a.task_id.clone(), (abort, need, a.attempt));
+        let run = async move {
+            let result = agent.run_task(a, spec).await;
+            if lock(&agent.inner.running).remove(&result.task_id).is_some() {
                 agent.release(&need);
-                lock(&agent.inner.running).remove(&result.task_id);
                 agent.send(NodeMessage {
                     msg: Some(node_message::Msg::Result(result)),
                 });
             }
-            .instrument(span),
-        );
-        lock(&self.inner.running).insert(task_id, handle.abort_handle());
+        };
+        tokio::spawn(futures::future::Abortable::new(run, registration).instrument(span));
     }
 
     async fn run_task(&self, a: proto::Assignment, spec: proto::FunctionSpec) -> TaskResult {

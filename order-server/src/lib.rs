@@ -15,6 +15,7 @@ use ferry_store::Store;
 pub mod placement;
 mod registry;
 mod service;
+mod tasks;
 
 pub use service::OrderService;
 
@@ -36,6 +37,11 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Time allowed on top of a function's timeout for fetching and compiling.
     pub assignment_grace: Duration,
+    /// A queued task that waited this long may be claimed by any instance, not only
+    /// the one its id hashes to.
+    pub steal_after: Duration,
+    /// How often running tasks of vanished instances are looked for.
+    pub orphan_sweep: Duration,
 }
 
 impl Default for Config {
@@ -49,6 +55,8 @@ impl Default for Config {
             dead_after: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(10),
             assignment_grace: Duration::from_secs(30),
+            steal_after: Duration::from_secs(2),
+            orphan_sweep: Duration::from_secs(1),
         }
     }
 }

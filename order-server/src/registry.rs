@@ -182,21 +182,38 @@ impl Registry {
     }
 
     /// The node answered (result or reject): release the reservation, wake the caller.
-    pub fn complete(&self, node_id: &str, conn: u64, task_id: &str, reply: Reply) {
+    /// A reply nobody here waits for (a task placed by an instance that has since died)
+    /// is handed back.
+    pub fn complete(&self, node_id: &str, conn: u64, task_id: &str, reply: Reply) -> Option<Reply> {
         let mut map = self.lock();
         let Some(n) = map.get_mut(node_id).filter(|n| n.conn == conn) else {
-            return;
+            return Some(reply);
         };
-        if let Some(p) = n.pending.remove(task_id) {
-            sub(&mut n.used, &p.reserved);
-            // A node that ran the package (whatever the function did) holds it now.
-            if let Reply::Done(r) = &reply
-                && r.outcome() != Outcome::Failed
-            {
-                n.packages.insert(p.sha);
-            }
-            let _ = p.reply.send(reply);
+        let Some(p) = n.pending.remove(task_id) else {
+            return Some(reply);
+        };
+        sub(&mut n.used, &p.reserved);
+        // A node that ran the package (whatever the function did) holds it now.
+        if let Reply::Done(r) = &reply
+            && r.outcome() != Outcome::Failed
+        {
+            n.packages.insert(p.sha);
         }
+        let _ = p.reply.send(reply);
+        None
+    }
+
+    /// Free task slots over every attached node.
+    pub fn free_slots(&self) -> usize {
+        self.lock()
+            .values()
+            .map(|n| n.capacity.slots.saturating_sub(n.used.slots) as usize)
+            .sum()
+    }
+
+    /// The outbound channel of one node.
+    pub fn tx(&self, node_id: &str) -> Option<Outbound> {
+        self.lock().get(node_id).map(|n| n.tx.clone())
     }
 
     /// Forgets a task whose caller gave up; frees its reservation.

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_core::model::{Capacity, NodeRecord, NodeState, OrderServerRecord, VersionRecord};
@@ -13,7 +13,7 @@ use ferry_core::proto::{
     node_message, server_message,
 };
 use ferry_core::{Error, ErrorCode, keys};
-use ferry_store::{EventKind, LeaseKeeper, Store};
+use ferry_store::{EventKind, LeaseKeeper, Store, WatchCache};
 use futures::{Stream, StreamExt};
 use tokio::sync::{Notify, mpsc};
 use tonic::{Request, Response, Status, Streaming};
@@ -26,19 +26,33 @@ use crate::registry::{Registry, Reply};
 /// Shared state of one instance; cheap to clone.
 #[derive(Clone)]
 pub struct OrderService {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    cfg: Config,
+pub(crate) struct Inner {
+    pub(crate) cfg: Config,
     url: String,
-    store: Arc<dyn Store>,
-    nodes: Registry,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) nodes: Registry,
     next_conn: AtomicU64,
     /// Wakes the registration task when the attached set changes.
     changed: Notify,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     lease: std::sync::Mutex<Option<Arc<LeaseKeeper>>>,
+    /// create_revision of our registration key: the fencing token of this incarnation
+    /// (0 until registered). A lost and re-granted lease makes a new incarnation.
+    incarnation: AtomicI64,
+    /// This cluster's task queue, the live instances, and cancellation requests.
+    pub(crate) queue: WatchCache,
+    pub(crate) instances: WatchCache,
+    pub(crate) cancels: WatchCache,
+    /// Async tasks this instance runs now.
+    pub(crate) inflight:
+        std::sync::Mutex<std::collections::HashMap<String, crate::tasks::Inflight>>,
+    /// Wakes the claim loop when a node frees a slot or attaches.
+    pub(crate) capacity_freed: Notify,
+    /// Completions refused as stale (an old attempt, or after our lease was lost).
+    pub(crate) stale_completions: AtomicU64,
 }
 
 impl OrderService {
@@ -47,6 +61,10 @@ impl OrderService {
         url: String,
         store: Arc<dyn Store>,
     ) -> Result<Self, ferry_store::StoreError> {
+        let queue = WatchCache::start(store.clone(), &keys::queue_of(&cfg.cluster)).await?;
+        let instances =
+            WatchCache::start(store.clone(), &keys::order_servers_of(&cfg.cluster)).await?;
+        let cancels = WatchCache::start(store.clone(), keys::CANCELS).await?;
         let svc = Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -57,6 +75,13 @@ impl OrderService {
                 changed: Notify::new(),
                 tasks: std::sync::Mutex::new(Vec::new()),
                 lease: std::sync::Mutex::new(None),
+                incarnation: AtomicI64::new(0),
+                queue,
+                instances,
+                cancels,
+                inflight: Default::default(),
+                capacity_freed: Notify::new(),
+                stale_completions: AtomicU64::new(0),
             }),
         };
         svc.register().await?;
@@ -64,6 +89,9 @@ impl OrderService {
             tokio::spawn(svc.clone().reap_loop()),
             tokio::spawn(svc.clone().registration_loop()),
             tokio::spawn(svc.clone().prefetch_loop()),
+            tokio::spawn(svc.clone().claim_loop()),
+            tokio::spawn(svc.clone().orphan_loop()),
+            tokio::spawn(svc.clone().cancel_loop()),
         ];
         svc.inner
             .tasks
@@ -131,7 +159,30 @@ impl OrderService {
         let key = keys::order_server(&self.inner.cfg.cluster, &self.inner.cfg.id);
         let value = serde_json::to_vec(&self.record()).unwrap_or_default();
         self.inner.store.put(&key, value, keeper.id()).await?;
+        if let Some(kv) = self.inner.store.get(&key).await? {
+            let before = self
+                .inner
+                .incarnation
+                .swap(kv.create_revision, Ordering::SeqCst);
+            if before != 0 && before != kv.create_revision {
+                warn!(
+                    old = before,
+                    new = kv.create_revision,
+                    "new incarnation: tasks of the old one are orphans now"
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The fencing token of this incarnation (0 before the first registration).
+    pub(crate) fn incarnation(&self) -> i64 {
+        self.inner.incarnation.load(Ordering::SeqCst)
+    }
+
+    /// Stale completions refused so far.
+    pub fn stale_completions(&self) -> u64 {
+        self.inner.stale_completions.load(Ordering::Relaxed)
     }
 
     /// Re-writes the registration when the attached set changes or the lease is lost.
@@ -248,6 +299,7 @@ impl OrderService {
             }
             Some(node_message::Msg::Reject(r)) => {
                 nodes.complete(node_id, conn, &r.task_id, Reply::Rejected(r.reason));
+                self.inner.capacity_freed.notify_one();
             }
             Some(node_message::Msg::Progress(p)) => {
                 debug!(node_id, task_id = %p.task_id, percent = p.percent, "progress");
@@ -255,7 +307,16 @@ impl OrderService {
             Some(node_message::Msg::Result(r)) => {
                 nodes.heartbeat(node_id, conn);
                 let task_id = r.task_id.clone();
-                nodes.complete(node_id, conn, &task_id, Reply::Done(r));
+                let unclaimed = nodes.complete(node_id, conn, &task_id, Reply::Done(r));
+                self.inner.capacity_freed.notify_one();
+                // An async task's result that this instance did not place (its node
+                // moved here from an instance that died): try to adopt it.
+                if let Some(Reply::Done(r)) = unclaimed
+                    && task_id.contains('#')
+                {
+                    let svc = self.clone();
+                    tokio::spawn(async move { svc.adopt(r).await });
+                }
             }
             Some(node_message::Msg::Register(_)) | None => {
                 debug!(node_id, "ignoring unexpected message on an attached stream");
@@ -322,6 +383,7 @@ impl proto::order_server::Order for OrderService {
         };
         let _ = tx.send(Ok(hello)).await;
         info!(node_id = %node_id, ?capacity, tags = ?reg.tags, "node attached");
+        self.inner.capacity_freed.notify_one();
 
         // Transition to the store: attached here, fenced by the revision we wrote.
         let record = NodeRecord {

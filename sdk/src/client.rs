@@ -181,6 +181,84 @@ impl Client {
     }
 }
 
+/// Options of an async submission.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOptions {
+    /// `critical`, `normal` (default) or `batch`.
+    pub priority: Option<String>,
+    /// Same key within 24 h: the same task, not a new one.
+    pub idempotency_key: Option<String>,
+    pub callback_url: Option<String>,
+    /// Content type of the input (default `application/json`).
+    pub content_type: Option<String>,
+}
+
+impl Client {
+    /// Submits an async task; returns its id once it is durably queued.
+    pub async fn submit(
+        &self,
+        name: &str,
+        input: Vec<u8>,
+        opts: &SubmitOptions,
+    ) -> Result<String, ClientError> {
+        let mut r = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/v1/functions/{name}/tasks"),
+            )
+            .header(
+                "content-type",
+                opts.content_type.as_deref().unwrap_or("application/json"),
+            )
+            .body(input);
+        if let Some(p) = &opts.priority {
+            r = r.header("x-ferry-priority", p);
+        }
+        if let Some(k) = &opts.idempotency_key {
+            r = r.header("idempotency-key", k);
+        }
+        if let Some(u) = &opts.callback_url {
+            r = r.header("x-ferry-callback-url", u);
+        }
+        let v = self.json(r).await?;
+        v["task_id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| ClientError::Decode(format!("no task_id in {v}")))
+    }
+
+    /// A task's current record.
+    pub async fn task(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.get_json(&format!("/v1/tasks/{id}")).await
+    }
+
+    /// Polls a task until it reaches a final state or `timeout` passes (then returns
+    /// its latest record as it is).
+    pub async fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, ClientError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let t = self.task(id).await?;
+            let state = t["state"].as_str().unwrap_or_default();
+            if !matches!(state, "queued" | "running") || std::time::Instant::now() >= deadline {
+                return Ok(t);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Requests cancellation.
+    pub async fn cancel(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.json(self.req(reqwest::Method::POST, &format!("/v1/tasks/{id}/cancel")))
+            .await
+    }
+}
+
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {

@@ -1,0 +1,259 @@
+//! Async tasks through the whole platform in one process: durable submission, exactly
+//! one committed result, retries, cancellation, idempotency, fail-over of a lost node.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_cli::up::{Cluster, UpConfig};
+use ferry_core::package::{PackFile, build};
+use ferry_sdk::client::{Client, ClientError, SubmitOptions};
+
+async fn start(dir: &Path, nodes: u32) -> (Cluster, Client) {
+    let cluster = Cluster::start(UpConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.to_path_buf(),
+        token: "t".into(),
+        nodes,
+    })
+    .await
+    .unwrap();
+    assert!(cluster.wait_for_nodes(nodes, Duration::from_secs(15)).await);
+    // The routing table must list the cluster even with no nodes.
+    let client = Client::new(cluster.url.clone(), Some("t".into()));
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            client
+                .get_json("/v1/clusters")
+                .await
+                .is_ok_and(|v| v["clusters"].as_array().is_some_and(|c| !c.is_empty()))
+        })
+        .await
+    );
+    (cluster, client)
+}
+
+fn opts() -> SubmitOptions {
+    SubmitOptions::default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_task_completes_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path(), 2).await;
+    client
+        .deploy("hello", common::hello_package().1)
+        .await
+        .unwrap();
+    let mut ids = vec![];
+    for i in 0..200 {
+        let id = client
+            .submit(
+                "hello",
+                format!(r#"{{"name":"t{i}"}}"#).into_bytes(),
+                &opts(),
+            )
+            .await
+            .unwrap();
+        ids.push((i, id));
+    }
+    for (i, id) in &ids {
+        let t = client.wait(id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert_eq!(t["output"]["greeting"], format!("Hello, t{i}!"));
+        assert_eq!(t["attempt"], 1, "one attempt, one committed result: {t}");
+        assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
+    }
+    let done = client
+        .get_json("/v1/tasks?function=hello&state=succeeded&limit=1000")
+        .await
+        .unwrap();
+    assert_eq!(done["tasks"].as_array().unwrap().len(), 200);
+    // Nothing is left in the queue or marked running.
+    assert!(
+        cluster
+            .store
+            .range(ferry_core::keys::QUEUE)
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
+    assert!(
+        cluster
+            .store
+            .range(ferry_core::keys::RUNNING)
+            .await
+            .unwrap()
+            .kvs
+            .is_empty()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_function_is_retried_with_backoff_then_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path(), 2).await;
+    let manifest = "name = \"fails\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n[retry]\nmax_attempts = 3\nbackoff_ms = 100\n";
+    let pkg = build(vec![
+        PackFile {
+            path: "ferry.toml".into(),
+            bytes: manifest.as_bytes().to_vec(),
+            executable: false,
+        },
+        PackFile {
+            path: "run.sh".into(),
+            bytes: b"#!/bin/sh\necho 'boom: disk on fire' >&2\nexit 7\n".to_vec(),
+            executable: true,
+        },
+    ])
+    .unwrap();
+    client.deploy("fails", pkg).await.unwrap();
+    let id = client
+        .submit("fails", b"{}".to_vec(), &opts())
+        .await
+        .unwrap();
+    let t = client.wait(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(t["state"], "failed", "{t}");
+    assert_eq!(t["attempt"], 3);
+    let attempts = t["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3);
+    assert!(
+        attempts.iter().all(|a| a["outcome"] == "function_error"),
+        "{t}"
+    );
+    assert!(
+        t["error"].as_str().unwrap().contains("boom: disk on fire"),
+        "the reason is kept: {t}"
+    );
+    // Backoff: the retries did not start back to back.
+    let gap =
+        attempts[1]["started_ms"].as_u64().unwrap() - attempts[0]["finished_ms"].as_u64().unwrap();
+    assert!(gap >= 50, "waited {gap} ms before retrying");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_tasks_can_be_cancelled_and_keys_are_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    // No node: tasks stay queued.
+    let (cluster, client) = start(dir.path(), 0).await;
+    client
+        .deploy("hello", common::hello_package().1)
+        .await
+        .unwrap();
+    let id = client
+        .submit("hello", b"{}".to_vec(), &opts())
+        .await
+        .unwrap();
+    assert_eq!(client.task(&id).await.unwrap()["state"], "queued");
+    let t = client.cancel(&id).await.unwrap();
+    assert_eq!(t["state"], "cancelled");
+    match client.cancel(&id).await {
+        Err(ClientError::Api { status: 409, .. }) => {}
+        other => panic!("cancelling twice is a conflict, got {other:?}"),
+    }
+    assert!(
+        cluster
+            .store
+            .range(ferry_core::keys::QUEUE)
+            .await
+            .unwrap()
+            .kvs
+            .is_empty(),
+        "the queue entry went with it"
+    );
+
+    let keyed = SubmitOptions {
+        idempotency_key: Some("order-42".into()),
+        ..opts()
+    };
+    let a = client
+        .submit("hello", br#"{"name":"x"}"#.to_vec(), &keyed)
+        .await
+        .unwrap();
+    let b = client
+        .submit("hello", br#"{"name":"x"}"#.to_vec(), &keyed)
+        .await
+        .unwrap();
+    assert_eq!(a, b, "same key, same body: the same task");
+    match client
+        .submit("hello", br#"{"name":"y"}"#.to_vec(), &keyed)
+        .await
+    {
+        Err(ClientError::Api {
+            status: 409, code, ..
+        }) => assert_eq!(code, "conflict"),
+        other => panic!("same key, other body: 409, got {other:?}"),
+    }
+    let queued = client.get_json("/v1/tasks?state=queued").await.unwrap();
+    assert_eq!(
+        queued["tasks"].as_array().unwrap().len(),
+        1,
+        "one task for the key"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_of_a_lost_node_run_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut cluster, client) = start(dir.path(), 2).await;
+    let manifest = "name = \"slow\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n";
+    let pkg = build(vec![
+        PackFile {
+            path: "ferry.toml".into(),
+            bytes: manifest.as_bytes().to_vec(),
+            executable: false,
+        },
+        PackFile {
+            path: "run.sh".into(),
+            bytes: b"#!/bin/sh\nsleep 1\necho '{\"ok\":true}'\n".to_vec(),
+            executable: true,
+        },
+    ])
+    .unwrap();
+    client.deploy("slow", pkg).await.unwrap();
+    let mut ids = vec![];
+    for _ in 0..6 {
+        ids.push(
+            client
+                .submit("slow", b"{}".to_vec(), &opts())
+                .await
+                .unwrap(),
+        );
+    }
+    // Once node-1 runs something, take it away.
+    let node1_busy = common::eventually(Duration::from_secs(10), || async {
+        let v = client.get_json("/v1/tasks?state=running").await.unwrap();
+        v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["attempts"].as_array().unwrap().last().unwrap()["node"] == "node-1")
+    })
+    .await;
+    assert!(node1_busy);
+    cluster.stop_node(0).await;
+    let mut failed_over = 0;
+    for id in &ids {
+        let t = client.wait(id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+        let attempts = t["attempts"].as_array().unwrap();
+        if attempts.len() > 1 {
+            failed_over += 1;
+            assert_eq!(attempts[0]["node"], "node-1");
+            assert_eq!(attempts[0]["outcome"], "failed", "{t}");
+            assert_eq!(attempts.last().unwrap()["node"], "node-2");
+        }
+    }
+    assert!(
+        failed_over >= 1,
+        "at least the task node-1 was running moved to node-2"
+    );
+    cluster.shutdown().await;
+}

@@ -1,0 +1,346 @@
+//! The async task API: submit (answered 202 only once the task is committed), read,
+//! list, cancel. Order-servers do the rest through the store.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ferry_core::task::{Priority, TaskRecord, TaskState};
+use ferry_core::{ErrorCode, keys};
+use ferry_store::{Compare, Op, Txn};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::AppState;
+use crate::api::{RequestId, is_json, parse_json, read_body, split_qualifier};
+use crate::error::{ApiError, ApiResult};
+
+/// Largest async input kept with the task.
+pub const MAX_TASK_INPUT: usize = 1 << 20;
+/// How long an idempotency key keeps answering with its task.
+pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3_600_000;
+
+#[derive(Serialize, Deserialize)]
+struct IdempotencyEntry {
+    task_id: String,
+    body_sha256: String,
+    created_ms: u64,
+}
+
+/// The JSON view of a task (input left out; output inline when it is JSON).
+pub fn view(t: &TaskRecord) -> serde_json::Value {
+    let mut v = json!({
+        "id": t.id,
+        "function": t.function,
+        "version": t.version.version,
+        "cluster": t.cluster,
+        "state": t.state.as_str(),
+        "priority": t.priority,
+        "attempt": t.attempt,
+        "attempts": t.attempts,
+        "created_ms": t.created_ms,
+        "updated_ms": t.updated_ms,
+    });
+    if t.cancel_requested && !t.state.is_final() {
+        v["cancel_requested"] = json!(true);
+    }
+    if t.state == TaskState::Queued && t.not_before_ms > t.updated_ms {
+        v["not_before_ms"] = json!(t.not_before_ms);
+    }
+    if let Some(e) = &t.error {
+        v["error"] = json!(e);
+    }
+    if let Some(c) = &t.error_code {
+        v["error_code"] = json!(c);
+    }
+    if !t.log_tail.is_empty() {
+        v["log_tail"] = json!(t.log_tail);
+    }
+    if let Some(out) = &t.output {
+        use base64::Engine;
+        v["output_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(out));
+        if let Ok(j) = serde_json::from_slice::<serde_json::Value>(out) {
+            v["output"] = j;
+        }
+    }
+    v
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+pub async fn submit(
+    State(st): State<Arc<AppState>>,
+    axum::Extension(rid): axum::Extension<RequestId>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let (fname, qualified) = split_qualifier(&name)?;
+    let version = st.catalog.version(fname, qualified).await?;
+    let input = read_body(&headers, body, MAX_TASK_INPUT).await?;
+    if is_json(&headers) {
+        parse_json::<serde::de::IgnoredAny>(&input)?;
+    }
+    let priority = match header_str(&headers, "x-ferry-priority") {
+        None => Priority::Normal,
+        Some(p) => Priority::parse(p).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("X-Ferry-Priority {p:?}: expected critical, normal or batch"),
+            )
+        })?,
+    };
+    let callback_url = match header_str(&headers, "x-ferry-callback-url") {
+        None => None,
+        Some(u) if (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 2048 => {
+            Some(u.to_string())
+        }
+        Some(u) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("X-Ferry-Callback-Url {u:?} is not an http(s) URL"),
+            ));
+        }
+    };
+    let idempotency_key = match header_str(&headers, "idempotency-key") {
+        None => None,
+        Some(k) if k.len() <= 256 && k.bytes().all(|b| b.is_ascii_graphic()) => Some(k.to_string()),
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "Idempotency-Key must be 1-256 printable ASCII characters",
+            ));
+        }
+    };
+    let cluster = st.router.pick_cluster().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NoCapacity,
+            "no cluster is registered yet; start an order-server",
+        )
+    })?;
+    let now = ferry_core::now_ms();
+    let task = TaskRecord {
+        id: ferry_core::id::new_id(),
+        function: fname.to_string(),
+        version: (*version).clone(),
+        cluster: cluster.clone(),
+        priority,
+        state: TaskState::Queued,
+        input: input.to_vec(),
+        attempt: 0,
+        function_failures: 0,
+        platform_failures: 0,
+        retry: version.retry,
+        created_ms: now,
+        updated_ms: now,
+        not_before_ms: now,
+        owner: None,
+        attempts: vec![],
+        output: None,
+        error: None,
+        error_code: None,
+        log_tail: String::new(),
+        callback_url,
+        request_id: rid.0.clone(),
+        cancel_requested: false,
+    };
+    let body_sha256 = ferry_core::id::sha256_hex(&input);
+    let tkey = keys::task(&task.id);
+    let base = Txn::new()
+        .when(Compare::absent(&tkey))
+        .then(Op::put(
+            &tkey,
+            serde_json::to_vec(&task).unwrap_or_default(),
+        ))
+        .then(Op::put(
+            keys::queued(&cluster, &task.id),
+            serde_json::to_vec(&task.queue_entry()).unwrap_or_default(),
+        ));
+    let Some(key) = idempotency_key else {
+        st.store.txn(base).await?;
+        return Ok(accepted(&task.id, false));
+    };
+    // The key, the task and its queue entry commit together, or not at all.
+    let ikey = keys::idempotency("tasks", &format!("{fname}/{key}"));
+    let entry = serde_json::to_vec(&IdempotencyEntry {
+        task_id: task.id.clone(),
+        body_sha256: body_sha256.clone(),
+        created_ms: now,
+    })
+    .unwrap_or_default();
+    for _ in 0..4 {
+        let existing = st.store.get(&ikey).await?;
+        let guard = match &existing {
+            Some(kv) => {
+                let e: Option<IdempotencyEntry> = serde_json::from_slice(&kv.value).ok();
+                match e {
+                    Some(e) if now.saturating_sub(e.created_ms) < IDEMPOTENCY_WINDOW_MS => {
+                        if e.body_sha256 != body_sha256 {
+                            return Err(ApiError::new(
+                                ErrorCode::Conflict,
+                                "this Idempotency-Key was already used with a different body",
+                            ));
+                        }
+                        return Ok(accepted(&e.task_id, true));
+                    }
+                    // Expired: the key may be reused.
+                    _ => Compare::mod_revision(&ikey, kv.mod_revision),
+                }
+            }
+            None => Compare::absent(&ikey),
+        };
+        let txn = Txn {
+            compares: [base.compares.clone(), vec![guard]].concat(),
+            success: [base.success.clone(), vec![Op::put(&ikey, entry.clone())]].concat(),
+            failure: vec![],
+        };
+        if st.store.txn(txn).await?.succeeded {
+            return Ok(accepted(&task.id, false));
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        "concurrent submissions with this Idempotency-Key; retry",
+    ))
+}
+
+fn accepted(task_id: &str, replayed: bool) -> Response {
+    let url = format!("/v1/tasks/{task_id}");
+    let mut r = (
+        StatusCode::ACCEPTED,
+        Json(json!({ "task_id": task_id, "status_url": url, "idempotent_replay": replayed })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    if replayed {
+        r.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    r
+}
+
+async fn load(st: &AppState, id: &str) -> ApiResult<(TaskRecord, i64)> {
+    let bad_id = || ApiError::new(ErrorCode::NotFound, format!("task {id:?} not found"));
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(bad_id());
+    }
+    let kv = st.store.get(&keys::task(id)).await?.ok_or_else(bad_id)?;
+    let t = serde_json::from_slice(&kv.value)
+        .map_err(|e| ferry_core::Error::internal(format!("task record: {e}")))?;
+    Ok((t, kv.mod_revision))
+}
+
+pub async fn get(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (t, _) = load(&st, &id).await?;
+    Ok(Json(view(&t)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    function: Option<String>,
+    state: Option<String>,
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Newest first. (A scan of the task prefix: fine while completed tasks are few; an
+/// index by function and state comes with retention.)
+pub async fn list(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
+    let state =
+        match q.state.as_deref() {
+            None => None,
+            Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
+                ApiError::new(ErrorCode::BadRequest, format!("unknown state {s:?}"))
+            })?),
+        };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let r = st.store.range(keys::TASKS).await?;
+    let tasks: Vec<serde_json::Value> = r
+        .kvs
+        .iter()
+        .rev()
+        .filter_map(|kv| serde_json::from_slice::<TaskRecord>(&kv.value).ok())
+        .filter(|t| q.function.as_deref().is_none_or(|f| t.function == f))
+        .filter(|t| state.is_none_or(|s| t.state == s))
+        .filter(|t| {
+            q.since_ms.is_none_or(|s| t.created_ms >= s)
+                && q.until_ms.is_none_or(|u| t.created_ms < u)
+        })
+        .take(limit)
+        .map(|t| view(&t))
+        .collect();
+    Ok(Json(json!({ "tasks": tasks })))
+}
+
+/// Queued: cancelled at once. Running: the owning order-server tells the node to stop,
+/// and the task ends `cancelled` when it has. Final: 409.
+pub async fn cancel(
+    State(st): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    for _ in 0..8 {
+        let (mut t, rev) = load(&st, &id).await?;
+        let now = ferry_core::now_ms();
+        let tkey = keys::task(&t.id);
+        let txn = match t.state {
+            s if s.is_final() => {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("task {id} is already {}", s.as_str()),
+                ));
+            }
+            TaskState::Queued => {
+                t.state = TaskState::Cancelled;
+                t.error = Some("cancelled before it ran".into());
+                t.updated_ms = now;
+                Txn::new()
+                    .when(Compare::mod_revision(&tkey, rev))
+                    .then(Op::put(&tkey, serde_json::to_vec(&t).unwrap_or_default()))
+                    .then(Op::delete(keys::queued(&t.cluster, &t.id)))
+            }
+            _ => {
+                t.cancel_requested = true;
+                t.updated_ms = now;
+                Txn::new()
+                    .when(Compare::mod_revision(&tkey, rev))
+                    .then(Op::put(&tkey, serde_json::to_vec(&t).unwrap_or_default()))
+                    .then(Op::put(
+                        keys::cancel(&t.id),
+                        serde_json::to_vec(&t.attempt).unwrap_or_default(),
+                    ))
+            }
+        };
+        if st.store.txn(txn).await?.succeeded {
+            let status = if t.state == TaskState::Cancelled {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            return Ok((status, Json(view(&t))).into_response());
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        "the task kept changing; retry",
+    ))
+}

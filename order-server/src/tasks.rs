@@ -1,0 +1,681 @@
+//! Async tasks on an order-server instance: claiming from the shared queue, running on
+//! attached nodes, and committing every transition with a compare-and-swap fenced by
+//! the task's revision and this instance's registration (its lease).
+//!
+//! - **Claim**: queued tasks are spread over live instances by rendezvous hashing on the
+//!   task id; an instance claims its own, and anyone's that waited past `steal_after`.
+//!   One transaction claims a batch (`Queued → Running`, queue key deleted, a running
+//!   key written under the instance's incarnation), placed first so nothing is claimed
+//!   without a node to run it.
+//! - **Complete**: the result is committed only if the task is still at the revision
+//!   the claim wrote and this instance's registration is the one that claimed it: a
+//!   paused or partitioned instance whose lease expired commits nothing.
+//! - **Orphans**: running keys of incarnations that are no longer registered are
+//!   re-queued by any live instance. A result that arrives later for the same attempt
+//!   (its node re-attached elsewhere) is adopted while the task has not started again.
+
+use std::time::Duration;
+
+use ferry_core::keys;
+use ferry_core::proto::{self, Assignment, Outcome, ServerMessage, TaskResult, server_message};
+use ferry_core::task::{AttemptEnd, Next, QueueEntry, TaskRecord, TaskState, after_attempt};
+use ferry_store::{Compare, KeyValue, Op, Txn};
+use rand::Rng;
+use tracing::{debug, info, warn};
+
+use crate::placement::Need;
+use crate::registry::Reply;
+use crate::service::OrderService;
+
+/// Tasks claimed in one transaction at most (3 operations each, under etcd's 128).
+const CLAIM_BATCH: usize = 32;
+/// Results larger than this are not kept with the task.
+pub const MAX_RESULT_BYTES: usize = 1 << 20;
+/// How long a priority class weighs in the queue order: a batch task that has waited
+/// this much longer than a critical one goes first (aging, against starvation).
+const AGING_MS: u64 = 30_000;
+
+/// What this instance remembers about a task it runs.
+#[derive(Clone)]
+pub(crate) struct Inflight {
+    pub node: String,
+}
+
+fn rendezvous(task_id: &str, instances: &[String]) -> Option<String> {
+    instances
+        .iter()
+        .max_by_key(|i| {
+            let h = ferry_core::id::sha256_hex(format!("{task_id}/{i}").as_bytes());
+            u64::from_str_radix(&h[..16], 16).unwrap_or(0)
+        })
+        .cloned()
+}
+
+/// Queue order: priority class first, older first within it, with aging across classes.
+fn queue_rank(e: &QueueEntry) -> u64 {
+    e.enqueued_ms + (e.priority as u64) * AGING_MS
+}
+
+impl OrderService {
+    fn incarnation_tag(&self, create_rev: i64) -> String {
+        format!("{}@{create_rev}", self.inner.cfg.id)
+    }
+
+    /// The registration compare every task commit of ours carries.
+    fn fence(&self) -> Compare {
+        let key = keys::order_server(&self.inner.cfg.cluster, &self.inner.cfg.id);
+        Compare {
+            key,
+            op: ferry_store::CompareOp::Equal,
+            target: ferry_store::CompareTarget::CreateRevision(self.incarnation()),
+        }
+    }
+
+    /// Live instance ids of this cluster that have nodes, and all live incarnations.
+    fn live(&self) -> (Vec<String>, Vec<String>) {
+        let mut with_nodes = vec![];
+        let mut incarnations = vec![];
+        for kv in self.inner.instances.snapshot() {
+            if let Ok(r) = serde_json::from_slice::<ferry_core::model::OrderServerRecord>(&kv.value)
+            {
+                if r.nodes > 0 {
+                    with_nodes.push(r.id.clone());
+                }
+                incarnations.push(format!("{}@{}", r.id, kv.create_revision));
+            }
+        }
+        with_nodes.sort();
+        (with_nodes, incarnations)
+    }
+
+    pub(crate) async fn claim_loop(self) {
+        let mut queue_changes = self.inner.queue.changes();
+        loop {
+            let claimed = match self.claim_once().await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "claiming tasks failed");
+                    0
+                }
+            };
+            if claimed == 0 {
+                tokio::select! {
+                    _ = queue_changes.changed() => {}
+                    _ = self.inner.capacity_freed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        }
+    }
+
+    /// Claims and starts one batch; returns how many tasks it started.
+    async fn claim_once(&self) -> Result<usize, ferry_core::Error> {
+        let free = self.inner.nodes.free_slots();
+        if free == 0 || self.incarnation() == 0 {
+            return Ok(0);
+        }
+        let now = ferry_core::now_ms();
+        let (owners, _) = self.live();
+        let me = &self.inner.cfg.id;
+        let steal_after = self.inner.cfg.steal_after.as_millis() as u64;
+        let mut candidates: Vec<(QueueEntry, KeyValue)> = {
+            let inflight = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.inner
+                .queue
+                .snapshot()
+                .into_iter()
+                .filter_map(|kv| {
+                    serde_json::from_slice::<QueueEntry>(&kv.value)
+                        .ok()
+                        .map(|e| (e, kv))
+                })
+                .filter(|(e, kv)| {
+                    let id = kv.key.rsplit('/').next().unwrap_or_default();
+                    e.not_before_ms <= now
+                        && !inflight.contains_key(id)
+                        && (rendezvous(id, &owners).as_deref() == Some(me.as_str())
+                            || now.saturating_sub(e.not_before_ms.max(e.enqueued_ms)) > steal_after)
+                })
+                .collect()
+        };
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        candidates.sort_by_key(|(e, kv)| (queue_rank(e), kv.key.clone()));
+        candidates.truncate(free.min(CLAIM_BATCH));
+
+        // Read the tasks in one round trip.
+        let task_id = |kv: &KeyValue| kv.key.rsplit('/').next().unwrap_or_default().to_string();
+        let reads = Txn {
+            success: candidates
+                .iter()
+                .map(|(_, kv)| Op::get(keys::task(&task_id(kv))))
+                .collect(),
+            ..Txn::default()
+        };
+        let read = self.inner.store.txn(reads).await?;
+        let mut batch = vec![];
+        for ((_, qkv), got) in candidates.iter().zip(read.gets) {
+            match got.and_then(|kv| {
+                serde_json::from_slice::<TaskRecord>(&kv.value)
+                    .ok()
+                    .map(|t| (t, kv))
+            }) {
+                Some((t, tkv))
+                    if t.state == TaskState::Queued && tkv.mod_revision == qkv.mod_revision =>
+                {
+                    batch.push((t, tkv, qkv.clone()))
+                }
+                _ => {
+                    // A queue entry that no longer matches its task (cancelled, or a
+                    // leftover): drop it if it has not changed since we read it.
+                    let _ = self
+                        .inner
+                        .store
+                        .txn(
+                            Txn::new()
+                                .when(Compare::mod_revision(&qkv.key, qkv.mod_revision))
+                                .then(Op::delete(&qkv.key)),
+                        )
+                        .await;
+                }
+            }
+        }
+
+        // Place each task before claiming it: never claim what no node can run now.
+        let mut placed = vec![];
+        for (t, tkv, qkv) in batch {
+            let need = Need {
+                cpu_millis: t.version.limits.cpu_millis,
+                memory_mb: t.version.limits.memory_mb,
+                gpus: 0,
+                required_tags: vec![],
+            };
+            let slot_id = format!("{}#{}", t.id, t.attempt + 1);
+            match self
+                .inner
+                .nodes
+                .place(&slot_id, &t.version.sha256, &need, &Default::default())
+            {
+                Some(p) => placed.push((t, tkv, qkv, slot_id, p)),
+                None => break,
+            }
+        }
+        if placed.is_empty() {
+            return Ok(0);
+        }
+
+        let tag = self.incarnation_tag(self.incarnation());
+        let claimed_at = ferry_core::now_ms();
+        let mut txn = Txn::new().when(self.fence());
+        let mut records = vec![];
+        for (t, tkv, qkv, _, p) in &placed {
+            let mut next = t.clone();
+            next.state = TaskState::Running;
+            next.attempt += 1;
+            next.owner = Some(self.inner.cfg.id.clone());
+            next.updated_ms = claimed_at;
+            next.attempts.push(ferry_core::task::Attempt {
+                attempt: next.attempt,
+                order_server: self.inner.cfg.id.clone(),
+                node: p.node_id.clone(),
+                started_ms: claimed_at,
+                finished_ms: None,
+                outcome: None,
+                error: None,
+            });
+            txn = txn
+                .when(Compare::mod_revision(keys::task(&t.id), tkv.mod_revision))
+                .when(Compare::mod_revision(&qkv.key, qkv.mod_revision))
+                .then(Op::put(
+                    keys::task(&t.id),
+                    serde_json::to_vec(&next).unwrap_or_default(),
+                ))
+                .then(Op::delete(&qkv.key))
+                .then(Op::put(
+                    keys::running(&self.inner.cfg.cluster, &tag, &t.id),
+                    Vec::new(),
+                ));
+            records.push(next);
+        }
+        let result = self.inner.store.txn(txn).await;
+        let rev = match result {
+            Ok(r) if r.succeeded => r.revision,
+            other => {
+                // Someone else claimed one of them (or our registration changed):
+                // release every reservation and let the next round re-read.
+                for (_, _, _, slot_id, p) in &placed {
+                    self.inner.nodes.abandon(&p.node_id, slot_id);
+                }
+                if let Err(e) = other {
+                    return Err(e.into());
+                }
+                debug!(batch = placed.len(), "claim lost a race; retrying");
+                return Ok(0);
+            }
+        };
+        let n = placed.len();
+        for ((_, _, _, slot_id, p), task) in placed.into_iter().zip(records) {
+            let running_key = keys::running(&self.inner.cfg.cluster, &tag, &task.id);
+            self.start_task(task, rev, slot_id, running_key, p);
+        }
+        Ok(n)
+    }
+
+    fn start_task(
+        &self,
+        task: TaskRecord,
+        claim_rev: i64,
+        slot_id: String,
+        running_key: String,
+        p: crate::registry::Placed,
+    ) {
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                task.id.clone(),
+                Inflight {
+                    node: p.node_id.clone(),
+                },
+            );
+        let assignment = ServerMessage {
+            msg: Some(server_message::Msg::Assignment(Assignment {
+                task_id: slot_id.clone(),
+                attempt: task.attempt,
+                epoch: claim_rev as u64,
+                function: Some(task.version.spec()),
+                input: task.input.clone(),
+                request_id: task.request_id.clone(),
+            })),
+        };
+        let svc = self.clone();
+        let deadline =
+            Duration::from_millis(task.version.limits.timeout_ms) + self.inner.cfg.assignment_grace;
+        tokio::spawn(async move {
+            let (end, result, why) = if p.tx.send(Ok(assignment)).await.is_err() {
+                svc.inner.nodes.abandon(&p.node_id, &slot_id);
+                (
+                    AttemptEnd::PlatformFailure,
+                    None,
+                    Some("the node's stream closed".to_string()),
+                )
+            } else {
+                match tokio::time::timeout(deadline, p.reply).await {
+                    Ok(Ok(Reply::Done(r))) => (attempt_end(&r), Some(r), None),
+                    Ok(Ok(Reply::Rejected(reason))) => (
+                        AttemptEnd::PlatformFailure,
+                        None,
+                        Some(format!("the node rejected it: {reason}")),
+                    ),
+                    Ok(Err(_)) => (
+                        AttemptEnd::PlatformFailure,
+                        None,
+                        Some(format!("node {} was lost", p.node_id)),
+                    ),
+                    Err(_) => {
+                        svc.inner.nodes.abandon(&p.node_id, &slot_id);
+                        if let Some(tx) = svc.inner.nodes.tx(&p.node_id) {
+                            let cancel = proto::Cancel {
+                                task_id: slot_id.clone(),
+                                attempt: task.attempt,
+                            };
+                            let _ = tx.try_send(Ok(ServerMessage {
+                                msg: Some(server_message::Msg::Cancel(cancel)),
+                            }));
+                        }
+                        (
+                            AttemptEnd::PlatformFailure,
+                            None,
+                            Some(format!("no result within {} ms", deadline.as_millis())),
+                        )
+                    }
+                }
+            };
+            svc.commit(task, claim_rev, end, result, why, true, vec![running_key])
+                .await;
+            svc.inner.capacity_freed.notify_one();
+        });
+    }
+
+    /// Commits the end of an attempt. `as_owner`: fence on our registration too.
+    /// Returns whether it was committed (false: stale, someone else moved the task on).
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &self,
+        mut task: TaskRecord,
+        expected_rev: i64,
+        end: AttemptEnd,
+        result: Option<TaskResult>,
+        why: Option<String>,
+        as_owner: bool,
+        running_keys: Vec<String>,
+    ) -> bool {
+        let now = ferry_core::now_ms();
+        let task_id = task.id.clone();
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task_id);
+        let mut end = end;
+        if let Some(r) = &result
+            && r.output.len() > MAX_RESULT_BYTES
+        {
+            end = AttemptEnd::FunctionError;
+        }
+        let error = match (&result, &why) {
+            (Some(r), _) if r.output.len() > MAX_RESULT_BYTES => Some(format!(
+                "output of {} bytes is over the {MAX_RESULT_BYTES}-byte task result limit; write media to storage and return references",
+                r.output.len()
+            )),
+            (Some(r), _) if !r.error.is_empty() => Some(r.error.clone()),
+            (_, Some(w)) => Some(w.clone()),
+            _ => None,
+        };
+        if let Some(a) = task
+            .attempts
+            .iter_mut()
+            .rev()
+            .find(|a| a.attempt == task.attempt)
+        {
+            a.finished_ms = Some(now);
+            a.outcome = Some(end.as_str().to_string());
+            a.error = error.clone();
+        }
+        let next = after_attempt(&task, end, now, rand::rng().random::<f64>());
+        match end {
+            AttemptEnd::FunctionError | AttemptEnd::TimedOut => task.function_failures += 1,
+            AttemptEnd::PlatformFailure => task.platform_failures += 1,
+            _ => {}
+        }
+        task.owner = None;
+        task.updated_ms = now;
+        let mut txn = Txn::new().when(Compare::mod_revision(keys::task(&task_id), expected_rev));
+        if as_owner {
+            txn = txn.when(self.fence());
+        }
+        match next {
+            Next::Final(state) => {
+                task.state = state;
+                if let Some(r) = &result {
+                    task.log_tail = r.log_tail.clone();
+                    if state == TaskState::Succeeded {
+                        task.output = Some(r.output.clone());
+                    }
+                    if !r.error_code.is_empty() {
+                        task.error_code = Some(r.error_code.clone());
+                    }
+                }
+                task.error = if state == TaskState::Succeeded {
+                    None
+                } else {
+                    error
+                };
+                txn = txn.then(Op::delete(keys::cancel(&task_id)));
+            }
+            Next::Retry { not_before_ms } => {
+                task.state = TaskState::Queued;
+                task.not_before_ms = not_before_ms;
+                task.error = error;
+                txn = txn.then(Op::put(
+                    keys::queued(&task.cluster, &task_id),
+                    serde_json::to_vec(&task.queue_entry()).unwrap_or_default(),
+                ));
+            }
+        }
+        for key in running_keys {
+            txn = txn.then(Op::delete(key));
+        }
+        let txn = txn.then(Op::put(
+            keys::task(&task_id),
+            serde_json::to_vec(&task).unwrap_or_default(),
+        ));
+        match self.inner.store.txn(txn).await {
+            Ok(r) if r.succeeded => {
+                debug!(
+                    task_id,
+                    state = task.state.as_str(),
+                    attempt = task.attempt,
+                    "task attempt committed"
+                );
+                true
+            }
+            Ok(_) => {
+                self.inner
+                    .stale_completions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(task_id, attempt = task.attempt, "stale completion ignored");
+                false
+            }
+            Err(e) => {
+                warn!(task_id, error = %e, "cannot commit task attempt; an orphan sweep will re-queue it");
+                false
+            }
+        }
+    }
+
+    /// A result for a task this instance did not place: adopt it if that attempt is
+    /// still the task's latest and nobody runs the task now.
+    pub(crate) async fn adopt(&self, r: TaskResult) {
+        let Some((task_id, _)) = r.task_id.split_once('#') else {
+            return;
+        };
+        let Ok(Some(kv)) = self.inner.store.get(&keys::task(task_id)).await else {
+            return;
+        };
+        let Ok(mut task) = serde_json::from_slice::<TaskRecord>(&kv.value) else {
+            return;
+        };
+        if task.attempt != r.attempt || task.state.is_final() {
+            self.inner
+                .stale_completions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let (_, incarnations) = self.live();
+        let owner_alive = task.state == TaskState::Running
+            && task.owner.as_ref().is_some_and(|o| {
+                incarnations.iter().any(|i| i.starts_with(&format!("{o}@")))
+                    && o != &self.inner.cfg.id
+            });
+        if owner_alive {
+            return; // its owner will hear from the node, or re-queue it
+        }
+        if task.state == TaskState::Queued {
+            // Re-queued after its instance died; the attempt finished after all.
+            let _ = self
+                .inner
+                .store
+                .delete(&keys::queued(&task.cluster, &task.id))
+                .await;
+            task.state = TaskState::Running;
+        }
+        info!(
+            task_id,
+            attempt = r.attempt,
+            "adopting a result from an earlier owner"
+        );
+        let end = attempt_end(&r);
+        let running = self.inner.running_keys_of(task_id).await;
+        self.commit(task, kv.mod_revision, end, Some(r), None, false, running)
+            .await;
+    }
+
+    /// Re-queues running tasks whose instance incarnation is gone.
+    pub(crate) async fn orphan_loop(self) {
+        loop {
+            tokio::time::sleep(self.inner.cfg.orphan_sweep).await;
+            if self.incarnation() == 0 {
+                continue;
+            }
+            let (_, live) = self.live();
+            let Ok(running) = self
+                .inner
+                .store
+                .range(&keys::running_of(&self.inner.cfg.cluster))
+                .await
+            else {
+                continue;
+            };
+            for kv in running.kvs {
+                let rest = &kv.key[keys::running_of(&self.inner.cfg.cluster).len()..];
+                let Some((incarnation, task_id)) = rest.split_once('/') else {
+                    continue;
+                };
+                if live.iter().any(|l| l == incarnation) {
+                    continue;
+                }
+                self.requeue_orphan(task_id, &kv.key).await;
+            }
+        }
+    }
+
+    async fn requeue_orphan(&self, task_id: &str, running_key: &str) {
+        let Ok(Some(kv)) = self.inner.store.get(&keys::task(task_id)).await else {
+            let _ = self.inner.store.delete(running_key).await;
+            return;
+        };
+        let Ok(task) = serde_json::from_slice::<TaskRecord>(&kv.value) else {
+            return;
+        };
+        if task.state != TaskState::Running {
+            let _ = self.inner.store.delete(running_key).await;
+            return;
+        }
+        info!(
+            task_id,
+            attempt = task.attempt,
+            "re-queueing a task whose order-server is gone"
+        );
+        let why = Some("its order-server instance was lost".to_string());
+        self.commit(
+            task,
+            kv.mod_revision,
+            AttemptEnd::PlatformFailure,
+            None,
+            why,
+            false,
+            vec![running_key.to_string()],
+        )
+        .await;
+    }
+
+    /// Tells nodes to stop tasks whose cancellation was requested.
+    pub(crate) async fn cancel_loop(self) {
+        let mut changes = self.inner.cancels.changes();
+        loop {
+            for kv in self.inner.cancels.snapshot() {
+                let task_id = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+                let node = self
+                    .inner
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&task_id)
+                    .map(|i| i.node.clone());
+                let Some(node) = node else { continue };
+                let attempt = serde_json::from_slice::<u32>(&kv.value).unwrap_or(0);
+                if let Some(tx) = self.inner.nodes.tx(&node) {
+                    let cancel = proto::Cancel {
+                        task_id: format!("{task_id}#{attempt}"),
+                        attempt,
+                    };
+                    let _ = tx.try_send(Ok(ServerMessage {
+                        msg: Some(server_message::Msg::Cancel(cancel)),
+                    }));
+                }
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl crate::service::Inner {
+    /// Running keys of a task, under any incarnation of any instance.
+    async fn running_keys_of(&self, task_id: &str) -> Vec<String> {
+        let prefix = keys::running_of(&self.cfg.cluster);
+        match self.store.range(&prefix).await {
+            Ok(r) => r
+                .kvs
+                .into_iter()
+                .map(|kv| kv.key)
+                .filter(|k| k.ends_with(&format!("/{task_id}")))
+                .collect(),
+            Err(_) => vec![],
+        }
+    }
+}
+
+fn attempt_end(r: &TaskResult) -> AttemptEnd {
+    match r.outcome() {
+        Outcome::Succeeded => AttemptEnd::Succeeded,
+        Outcome::FunctionError => AttemptEnd::FunctionError,
+        Outcome::TimedOut => AttemptEnd::TimedOut,
+        Outcome::Cancelled => AttemptEnd::Cancelled,
+        Outcome::Failed | Outcome::Unspecified => AttemptEnd::PlatformFailure,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn rendezvous_is_stable_and_spreads() {
+        let instances: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for i in 0..3000 {
+            let owner = rendezvous(&format!("task-{i}"), &instances).unwrap();
+            assert_eq!(
+                rendezvous(&format!("task-{i}"), &instances).unwrap(),
+                owner,
+                "stable"
+            );
+            *counts.entry(owner).or_default() += 1;
+        }
+        for c in counts.values() {
+            assert!((800..1200).contains(c), "{counts:?}");
+        }
+        // Removing an instance moves only its own tasks.
+        let two: Vec<String> = instances[..2].to_vec();
+        for i in 0..300 {
+            let id = format!("task-{i}");
+            let before = rendezvous(&id, &instances).unwrap();
+            if before != "c" {
+                assert_eq!(rendezvous(&id, &two).unwrap(), before);
+            }
+        }
+        assert_eq!(rendezvous("x", &[]), None);
+    }
+
+    #[test]
+    fn aging_lets_old_batch_work_overtake_new_critical_work() {
+        use ferry_core::task::Priority;
+        let critical = QueueEntry {
+            priority: Priority::Critical,
+            not_before_ms: 0,
+            enqueued_ms: 100_000,
+        };
+        let fresh_batch = QueueEntry {
+            priority: Priority::Batch,
+            not_before_ms: 0,
+            enqueued_ms: 100_000,
+        };
+        let old_batch = QueueEntry {
+            priority: Priority::Batch,
+            not_before_ms: 0,
+            enqueued_ms: 100_000 - 2 * AGING_MS - 1,
+        };
+        assert!(queue_rank(&critical) < queue_rank(&fresh_batch));
+        assert!(queue_rank(&old_batch) < queue_rank(&critical));
+    }
+}
