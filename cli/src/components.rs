@@ -53,6 +53,10 @@ pub async fn order_server(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let store = open_store(&s).await?;
     let mut cfg = ferry_order_server::Config {
         listen: socket_addr(s.listen.as_deref().unwrap_or("127.0.0.1:7171"))?,
+        token: s
+            .token
+            .clone()
+            .context("an order-server needs the cluster token: pass --token or set FERRY_TOKEN")?,
         advertise: s.advertise.clone(),
         ..Default::default()
     };
@@ -81,7 +85,14 @@ pub async fn order_client(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if store.is_none() && (s.order_servers.is_empty() || s.gateway.is_none()) {
         anyhow::bail!("a node agent needs --store, or both --order-server and --gateway");
     }
-    let node_id = s.id.clone().unwrap_or_else(default_node_id);
+    let data_dir = s
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".ferry"));
+    let node_id = match s.id.clone() {
+        Some(id) => id,
+        None => stable_node_id(&data_dir)?,
+    };
     let mut cfg = ferry_order_client::Config::detect(node_id.clone());
     if let Some(c) = s.cluster {
         cfg.cluster = c;
@@ -130,6 +141,22 @@ pub async fn cluster_scheduler(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCo
     running.shutdown();
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A node keeps its id across restarts (kept in `DATA_DIR/node-id`), so the store has
+/// one record per machine rather than one per process start.
+fn stable_node_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    let id = default_node_id();
+    std::fs::write(&path, &id).with_context(|| format!("write {}", path.display()))?;
+    Ok(id)
 }
 
 fn default_node_id() -> String {

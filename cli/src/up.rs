@@ -13,7 +13,8 @@ use ferry_store::Store;
 use crate::UpArgs;
 use crate::settings::{resolve_up, socket_addr};
 
-#[derive(Clone, Debug)]
+/// (No `Debug`: it holds the token.)
+#[derive(Clone)]
 pub struct UpConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -47,6 +48,7 @@ impl Cluster {
         let order_server = ferry_order_server::start(
             ferry_order_server::Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                token: cfg.token.clone(),
                 ..Default::default()
             },
             store.clone(),
@@ -94,6 +96,11 @@ impl Cluster {
             order_server,
             agents,
         })
+    }
+
+    /// The order-server's gRPC URL.
+    pub fn order_server_url(&self) -> &str {
+        &self.order_server.url
     }
 
     /// Waits (bounded) until `n` nodes are routable, so a first invocation finds them.
@@ -148,14 +155,32 @@ pub fn load_or_create_token(data_dir: &Path, given: Option<String>) -> anyhow::R
     std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
     let token = ferry_core::id::new_secret();
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(&path)
-        .with_context(|| format!("write {}", path.display()))?;
-    std::io::Write::write_all(&mut f, token.as_bytes())
-        .with_context(|| format!("write {}", path.display()))?;
+    match opts.open(&path) {
+        Ok(mut f) => std::io::Write::write_all(&mut f, token.as_bytes())
+            .with_context(|| format!("write {}", path.display()))?,
+        // Another `ferry up` got there first (or an empty file was left): use what is
+        // there if anything, else overwrite it.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let existing = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            if !existing.is_empty() {
+                return Ok(existing);
+            }
+            std::fs::write(&path, &token).with_context(|| format!("write {}", path.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("write {}", path.display())),
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restrict {}", path.display()))?;
+    }
     Ok(token)
 }
 

@@ -127,6 +127,76 @@ fn deploy_invoke_and_survive_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_and_outputs_cross_every_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path()).await;
+    let manifest = "name = \"echo\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n";
+    let pkg = build(vec![
+        PackFile {
+            path: "ferry.toml".into(),
+            bytes: manifest.as_bytes().to_vec(),
+            executable: false,
+        },
+        PackFile {
+            path: "run.sh".into(),
+            bytes: b"#!/bin/sh\nexec cat\n".to_vec(),
+            executable: true,
+        },
+    ])
+    .unwrap();
+    client.deploy("echo", pkg).await.unwrap();
+    // 5 MiB: over gRPC's 4 MiB default, under the gateway's 6 MiB body limit.
+    let input: Vec<u8> = (0..5 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let out = client
+        .invoke_as("echo", input.clone(), "application/octet-stream")
+        .await
+        .unwrap();
+    assert_eq!(out.body.len(), input.len());
+    assert!(out.body == input, "the bytes come back unchanged");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_server_refuses_calls_without_the_cluster_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, _client) = start(dir.path()).await;
+    let mut os = ferry_core::proto::order_client::OrderClient::connect(
+        cluster.order_server_url().to_string(),
+    )
+    .await
+    .unwrap();
+    let spec = ferry_core::proto::FunctionSpec {
+        name: "hello".into(),
+        timeout_ms: 1000,
+        ..Default::default()
+    };
+    let req = ferry_core::proto::InvokeRequest {
+        request_id: "x".into(),
+        function: Some(spec),
+        input: vec![],
+    };
+    let status = os.invoke(req.clone()).await.unwrap_err();
+    assert_eq!(
+        ferry_core::Error::from_status(&status).code,
+        ferry_core::ErrorCode::Unauthorized
+    );
+    let mut wrong = tonic::Request::new(req);
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    let status = os.invoke(wrong).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    // A node cannot attach without it either.
+    let attach = os
+        .attach(tokio_stream::iter(
+            Vec::<ferry_core::proto::NodeMessage>::new(),
+        ))
+        .await;
+    assert_eq!(attach.unwrap_err().code(), tonic::Code::Unauthenticated);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_native_package_runs() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, client) = start(dir.path()).await;

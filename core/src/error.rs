@@ -153,8 +153,10 @@ impl ErrorCode {
             Code::NotFound => Self::NotFound,
             Code::AlreadyExists | Code::Aborted => Self::Conflict,
             Code::ResourceExhausted => Self::NoCapacity,
-            Code::Unavailable | Code::Cancelled => Self::Unavailable,
-            Code::DeadlineExceeded => Self::Timeout,
+            Code::Unavailable => Self::Unavailable,
+            // A call cut off by its deadline (tonic reports "Timeout expired" as
+            // Cancelled): it may have run, so it is a timeout, never retried.
+            Code::DeadlineExceeded | Code::Cancelled => Self::Timeout,
             _ => Self::Internal,
         }
     }

@@ -22,6 +22,13 @@ pub mod proto {
 
 pub use error::{Error, ErrorCode};
 
+/// Largest gRPC message between components: a 64 MiB function output or a 6 MiB
+/// input, with room for the envelope (tonic's default of 4 MiB is below both).
+pub const MAX_GRPC_MESSAGE: usize = 80 << 20;
+
+/// gRPC metadata carrying the cluster credential (`Bearer TOKEN`).
+pub const AUTH_METADATA: &str = "authorization";
+
 /// Milliseconds since the Unix epoch, for records and IDs.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -194,6 +194,8 @@ pub struct Inspected {
     pub manifest: Manifest,
     /// The bytes of the entry file (module or program).
     pub entry: Vec<u8>,
+    /// Whether the entry file is executable (required of native entrypoints).
+    pub entry_executable: bool,
     pub files: usize,
     pub unpacked_bytes: u64,
 }
@@ -257,12 +259,17 @@ fn walk(
     };
     let mut archive = tar::Archive::new(reader);
     let mut seen = BTreeSet::new();
+    let mut files_seen = BTreeSet::new();
     let (mut files, mut total) = (0usize, 0u64);
     for entry in archive.entries().map_err(io_err)? {
         let mut entry = entry.map_err(io_err)?;
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let name = std::str::from_utf8(&raw).map_err(|_| unsafe_entry(&shown, "is not UTF-8"))?;
+        let is_dir = entry.header().entry_type().is_dir();
+        if is_dir && !name.starts_with('/') && name.split('/').all(|c| c.is_empty() || c == ".") {
+            continue; // the root folder itself (`tar -C dir -czf pkg.tar.gz .` writes `./`)
+        }
         let path =
             safe_path(name).ok_or_else(|| unsafe_entry(&shown, "escapes the package folder"))?;
         if seen.len() >= MAX_ENTRIES {
@@ -270,6 +277,20 @@ fn walk(
         }
         if !seen.insert(path.clone()) {
             return Err(unsafe_entry(&shown, "appears twice"));
+        }
+        // A path may not be both a file and a folder (`a` and `a/b`).
+        let clash = path
+            .match_indices('/')
+            .any(|(i, _)| files_seen.contains(&path[..i]))
+            || (!is_dir
+                && seen
+                    .range(format!("{path}/")..)
+                    .next()
+                    .is_some_and(|p| p.starts_with(&format!("{path}/"))));
+        if clash {
+            return Err(invalid(format!(
+                "archive entry {shown:?} is both a file and a folder"
+            )));
         }
         let kind = entry.header().entry_type();
         if kind.is_dir() {
@@ -291,6 +312,7 @@ fn walk(
             ));
         }
         let mode = entry.header().mode().unwrap_or(0o644);
+        files_seen.insert(path.clone());
         files += 1;
         f(&path, mode, &mut entry)?;
     }
@@ -300,18 +322,18 @@ fn walk(
 /// Checks an archive and reads its manifest and entry file, writing nothing.
 pub fn inspect(bytes: &[u8], max_unpacked: u64) -> Result<Inspected, Error> {
     let mut manifest_text = None;
-    let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut contents: BTreeMap<String, (Vec<u8>, u32)> = BTreeMap::new();
     let (files, unpacked_bytes) = walk(
         bytes,
         max_unpacked,
-        |path, _mode, r| {
+        |path, mode, r| {
             let mut buf = Vec::new();
             r.read_to_end(&mut buf).map_err(io_err)?;
             if path == MANIFEST {
                 manifest_text = Some(buf);
             } else {
                 // Kept until the manifest says which one is the entry; bounded by max_unpacked.
-                contents.insert(path.to_string(), buf);
+                contents.insert(path.to_string(), (buf, mode));
             }
             Ok(())
         },
@@ -327,15 +349,25 @@ pub fn inspect(bytes: &[u8], max_unpacked: u64) -> Result<Inspected, Error> {
         .map_err(|_| Error::new(ErrorCode::InvalidManifest, "ferry.toml is not UTF-8"))?;
     let manifest = Manifest::parse(&text)?;
     let entry_path = safe_path(manifest.entry_file()).unwrap_or_default();
-    let entry = contents.remove(&entry_path).ok_or_else(|| {
+    let (entry, mode) = contents.remove(&entry_path).ok_or_else(|| {
         Error::new(
             ErrorCode::InvalidPackage,
             format!("ferry.toml names {entry_path:?}, which the package does not contain"),
         )
     })?;
+    let entry_executable = mode & 0o111 != 0;
+    if manifest.kind == Kind::Native && !entry_executable {
+        return Err(Error::new(
+            ErrorCode::InvalidPackage,
+            format!(
+                "the entrypoint {entry_path:?} is not executable (chmod +x it before packaging)"
+            ),
+        ));
+    }
     Ok(Inspected {
         manifest,
         entry,
+        entry_executable,
         files,
         unpacked_bytes,
     })
@@ -711,6 +743,75 @@ mod tests {
             1,
             "no temporary folder left: {leftovers:?}"
         );
+    }
+
+    #[test]
+    fn native_entrypoints_must_be_executable_and_paths_cannot_be_file_and_folder() {
+        let m = b"name = \"n\"\nkind = \"native\"\nentrypoint = [\"run\"]\n".to_vec();
+        let f = |p: &str, x: bool| PackFile {
+            path: p.into(),
+            bytes: b"#!/bin/sh\n".to_vec(),
+            executable: x,
+        };
+        let plain = build(vec![
+            PackFile {
+                path: MANIFEST.into(),
+                bytes: m.clone(),
+                executable: false,
+            },
+            f("run", false),
+        ])
+        .unwrap();
+        assert_eq!(
+            inspect(&plain, 1 << 20).unwrap_err().code,
+            ErrorCode::InvalidPackage
+        );
+        let ok = build(vec![
+            PackFile {
+                path: MANIFEST.into(),
+                bytes: m.clone(),
+                executable: false,
+            },
+            f("run", true),
+        ])
+        .unwrap();
+        assert!(inspect(&ok, 1 << 20).unwrap().entry_executable);
+        let clash = build(vec![
+            PackFile {
+                path: MANIFEST.into(),
+                bytes: m,
+                executable: false,
+            },
+            f("run", true),
+            f("a", false),
+            f("a/b", false),
+        ])
+        .unwrap();
+        assert_eq!(
+            inspect(&clash, 1 << 20).unwrap_err().code,
+            ErrorCode::InvalidPackage
+        );
+    }
+
+    #[test]
+    fn a_leading_dot_slash_root_entry_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MANIFEST), WASM_MANIFEST).unwrap();
+        std::fs::write(dir.path().join("hello.wasm"), b"\0asm").unwrap();
+        let out = dir.path().join("pkg.tar.gz");
+        let status = std::process::Command::new("tar")
+            .args([
+                "-C",
+                &dir.path().display().to_string(),
+                "-czf",
+                &out.display().to_string(),
+                ".",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let i = inspect(&std::fs::read(&out).unwrap(), 1 << 20).unwrap();
+        assert_eq!(i.manifest.name, "hello");
     }
 
     #[test]

@@ -114,17 +114,15 @@ async fn auth(State(st): St, req: Request, next: Next) -> Response {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
+    if !ferry_core::id::constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
         return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
             .into_response();
     }
     next.run(req).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn readyz(State(st): St) -> Response {
@@ -271,7 +269,7 @@ async fn create_function(State(st): St, headers: HeaderMap, body: Body) -> ApiRe
             format!("function {:?} already exists", req.name),
         ));
     }
-    st.catalog.wait_for(r.revision).await;
+    st.catalog.wait_for(r.revision, false).await;
     Ok((StatusCode::CREATED, Json(function_json(&rec))).into_response())
 }
 
@@ -420,7 +418,7 @@ async fn upload_version(
             ));
         let r = st.store.txn(txn).await?;
         if r.succeeded {
-            st.catalog.wait_for(r.revision).await;
+            st.catalog.wait_for(r.revision, true).await;
             tracing::info!(function = %name, version = version.version, sha256 = %sha, "version published");
             return Ok((StatusCode::CREATED, Json(version)).into_response());
         }

@@ -1,6 +1,9 @@
 //! The gateway's in-memory view of functions and versions, rebuilt from store watches,
 //! so the invoke path reads no store. A miss falls back to the store (another gateway
-//! may have just deployed), which keeps read-after-deploy correct everywhere.
+//! may have just created the function). The gateway that took a deploy answers only
+//! once its own view includes it; other gateways see a new version after their watch
+//! delivers it (milliseconds), so an unqualified invoke there may briefly run the
+//! previous version. Invoke `name:VERSION` where that matters.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -20,15 +23,15 @@ pub struct Catalog {
     functions: WatchCache,
     versions: WatchCache,
     snap: RwLock<Arc<Snapshot>>,
-    /// The lowest revision both caches have reached at the last rebuild.
-    revision: tokio::sync::watch::Sender<Revision>,
+    /// (functions, versions) cache revisions at the last rebuild.
+    revision: tokio::sync::watch::Sender<(Revision, Revision)>,
 }
 
 impl Catalog {
     pub async fn start(store: Arc<dyn Store>) -> Result<Arc<Self>, StoreError> {
         let functions = WatchCache::start(store.clone(), keys::FUNCTIONS).await?;
         let versions = WatchCache::start(store.clone(), keys::VERSIONS).await?;
-        let (revision, _) = tokio::sync::watch::channel(0);
+        let (revision, _) = tokio::sync::watch::channel((0, 0));
         let catalog = Arc::new(Self {
             store,
             functions,
@@ -55,7 +58,7 @@ impl Catalog {
     }
 
     fn rebuild(&self) {
-        let rev = self.functions.revision().min(self.versions.revision());
+        let rev = (self.functions.revision(), self.versions.revision());
         let mut snap = Snapshot::default();
         for kv in self.functions.snapshot() {
             if let Ok(f) = serde_json::from_slice::<FunctionRecord>(&kv.value) {
@@ -76,14 +79,12 @@ impl Catalog {
         self.snap.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Waits (bounded) until this gateway's view includes revision `rev`.
-    pub async fn wait_for(&self, rev: Revision) {
+    /// Waits (bounded) until this gateway's view includes a write at `rev` that
+    /// touched function records (and, with `versions`, version records too).
+    pub async fn wait_for(&self, rev: Revision, versions: bool) {
         let mut rx = self.revision.subscribe();
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(3),
-            rx.wait_for(|r| *r >= rev),
-        )
-        .await;
+        let reached = move |r: &(Revision, Revision)| r.0 >= rev && (!versions || r.1 >= rev);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), rx.wait_for(reached)).await;
     }
 
     pub async fn function(&self, name: &str) -> Result<FunctionRecord, Error> {

@@ -23,8 +23,8 @@ mod metrics;
 mod routing;
 mod tasks;
 
-/// A gateway's settings.
-#[derive(Clone, Debug)]
+/// A gateway's settings. (No `Debug`: it holds the token.)
+#[derive(Clone)]
 pub struct Config {
     pub id: String,
     pub listen: SocketAddr,
@@ -69,6 +69,8 @@ pub enum GatewayError {
     },
     #[error("a gateway needs a token (--token or FERRY_TOKEN)")]
     NoToken,
+    #[error("bad token: {0}")]
+    BadToken(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -87,6 +89,9 @@ pub(crate) struct AppState {
 pub struct Running {
     pub addr: SocketAddr,
     pub url: String,
+    store: Arc<dyn Store>,
+    /// The registration lease, revoked on shutdown so nodes stop fetching from here.
+    lease: Arc<std::sync::Mutex<Option<ferry_store::LeaseId>>>,
     shutdown: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -96,6 +101,10 @@ impl Running {
     pub async fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(lease) = lease {
+            let _ = self.store.revoke_lease(lease).await;
         }
         let _ = self.shutdown.send(());
         let _ = tokio::time::timeout(Duration::from_secs(3), self.server).await;
@@ -127,7 +136,7 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         cfg: cfg.clone(),
         store: store.clone(),
         catalog,
-        router: routing::Router::default(),
+        router: routing::Router::new(&cfg.token).map_err(|e| GatewayError::BadToken(e.message))?,
         metrics: metrics::Metrics::new(),
     });
     let mut tasks = vec![];
@@ -157,10 +166,13 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
     .unwrap_or_default();
     let key = keys::gateway(&cfg.id);
     let st = store.clone();
+    let lease_slot: Arc<std::sync::Mutex<Option<ferry_store::LeaseId>>> = Arc::default();
+    let slot = lease_slot.clone();
     tasks.push(tokio::spawn(async move {
         loop {
             match LeaseKeeper::start(st.clone(), Duration::from_secs(10)).await {
                 Ok(lease) => {
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease.id());
                     if let Err(e) = st.put(&key, record.clone(), lease.id()).await {
                         warn!(error = %e, "gateway registration failed");
                     } else {
@@ -192,6 +204,8 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
     Ok(Running {
         addr,
         url,
+        store,
+        lease: lease_slot,
         shutdown,
         server,
         tasks,

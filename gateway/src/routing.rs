@@ -13,15 +13,42 @@ use ferry_core::{Error, ErrorCode};
 use rand::Rng;
 use tonic::transport::Channel;
 
-#[derive(Default)]
 pub struct Router {
+    /// `Bearer TOKEN` for the order-servers.
+    bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     table: RwLock<Arc<RoutingTable>>,
     clients: Mutex<HashMap<String, OrderClient<Channel>>>,
     next: AtomicUsize,
 }
 
+/// Extra time the gateway waits past an order-server's own deadline, so the
+/// order-server always answers (or cancels) first.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+
 impl Router {
+    pub fn new(token: &str) -> Result<Self, Error> {
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::new(ErrorCode::BadRequest, "the token must be printable ASCII"))?;
+        Ok(Self {
+            bearer,
+            table: RwLock::default(),
+            clients: Mutex::default(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
     pub fn set_table(&self, table: RoutingTable) {
+        // Forget channels to instances that left the table.
+        let live: std::collections::HashSet<&str> = table
+            .clusters
+            .iter()
+            .flat_map(|c| c.order_servers.iter().map(|s| s.addr.as_str()))
+            .collect();
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|addr, _| live.contains(addr.as_str()));
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
     }
 
@@ -105,7 +132,9 @@ impl Router {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
-        let client = OrderClient::new(endpoint.connect_lazy());
+        let client = OrderClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(ferry_core::MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(ferry_core::MAX_GRPC_MESSAGE);
         clients.insert(addr.to_string(), client.clone());
         Ok(client)
     }
@@ -126,7 +155,7 @@ impl Router {
                 "no cluster has an order-server with attached nodes",
             ));
         }
-        let timeout = Duration::from_millis(spec.timeout_ms) + grace;
+        let timeout = Duration::from_millis(spec.timeout_ms) + grace + DEADLINE_MARGIN;
         let msg = InvokeRequest {
             request_id: request_id.to_string(),
             function: Some(spec),
@@ -137,11 +166,22 @@ impl Router {
             let mut client = self.client(&server.addr)?;
             let mut req = tonic::Request::new(msg.clone());
             req.set_timeout(timeout);
+            req.metadata_mut()
+                .insert(ferry_core::AUTH_METADATA, self.bearer.clone());
             match client.invoke(req).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(status) => {
                     let e = Error::from_status(&status);
-                    if matches!(e.code, ErrorCode::NoCapacity | ErrorCode::Unavailable) {
+                    // Only when the function certainly did not run: the instance said it
+                    // had no room, or we never reached it. Anything else may have run.
+                    let explicit = status
+                        .metadata()
+                        .get(ferry_core::error::GRPC_CODE_KEY)
+                        .is_some();
+                    let not_delivered = !explicit
+                        && status.code() == tonic::Code::Unavailable
+                        && status.message().to_ascii_lowercase().contains("connect");
+                    if (explicit && e.code == ErrorCode::NoCapacity) || not_delivered {
                         tracing::debug!(order_server = %server.id, error = %e, "trying the next order-server");
                         last = Some(e);
                         continue;

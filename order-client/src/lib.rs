@@ -23,8 +23,8 @@ use ferry_store::Store;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// A node agent's settings.
-#[derive(Clone, Debug)]
+/// A node agent's settings. (No `Debug`: it holds the token.)
+#[derive(Clone)]
 pub struct Config {
     pub node_id: String,
     pub cluster: String,
@@ -237,11 +237,19 @@ impl Agent {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
         let channel = endpoint.connect().await.map_err(|e| unavailable(&e))?;
-        let mut client = proto::order_client::OrderClient::new(channel);
+        let mut client = proto::order_client::OrderClient::new(channel)
+            .max_decoding_message_size(ferry_core::MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(ferry_core::MAX_GRPC_MESSAGE);
         let (tx, rx) = mpsc::channel::<NodeMessage>(1024);
         let _ = tx.send(self.register_message()).await;
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(t) = &self.inner.cfg.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            request.metadata_mut().insert(ferry_core::AUTH_METADATA, v);
+        }
         let mut inbound = client
-            .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .attach(request)
             .await
             .map_err(|s| Error::from_status(&s))?
             .into_inner();
@@ -306,13 +314,20 @@ impl Agent {
         }
     }
 
-    /// Sends on the current stream, or keeps the message for the next one.
+    /// Sends on the current stream (waiting in a task if it is momentarily full), or
+    /// keeps the message for the next stream while disconnected.
     fn send(&self, msg: NodeMessage) {
         let tx = lock(&self.inner.outbound).clone();
         let msg = match tx {
             Some(tx) => match tx.try_send(msg) {
                 Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m)) => m,
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    tokio::spawn(async move {
+                        let _ = tx.send(m).await;
+                    });
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(m)) => m,
             },
             None => msg,
         };
@@ -526,13 +541,14 @@ impl Agent {
                 .map_err(|e| Error::internal(format!("prepare task: {e}")))?
                 .map_err(Error::from)?;
         }
-        lock(&self.inner.preparing).remove(&sha);
         Ok(true)
     }
 
-    async fn gateway_url(&self) -> Result<String, Error> {
+    /// Gateways to fetch from, in random order (spreads load; one that is down is
+    /// skipped).
+    async fn gateway_urls(&self) -> Result<Vec<String>, Error> {
         if let Some(g) = &self.inner.cfg.gateway {
-            return Ok(g.trim_end_matches('/').to_string());
+            return Ok(vec![g.trim_end_matches('/').to_string()]);
         }
         let store = self
             .inner
@@ -540,39 +556,63 @@ impl Agent {
             .as_ref()
             .ok_or_else(|| Error::new(ErrorCode::Unavailable, "no gateway configured"))?;
         let r = store.range(keys::GATEWAYS).await.map_err(Error::from)?;
-        r.kvs
+        let mut urls: Vec<String> = r
+            .kvs
             .iter()
             .filter_map(|kv| serde_json::from_slice::<GatewayRecord>(&kv.value).ok())
             .map(|g| g.url.trim_end_matches('/').to_string())
-            .next()
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorCode::Unavailable,
-                    "no gateway registered to fetch packages from",
-                )
-            })
+            .collect();
+        if urls.is_empty() {
+            return Err(Error::new(
+                ErrorCode::Unavailable,
+                "no gateway registered to fetch packages from",
+            ));
+        }
+        use rand::seq::SliceRandom;
+        urls.shuffle(&mut rand::rng());
+        Ok(urls)
     }
 
     async fn fetch(&self, sha: &str, expected_size: u64) -> Result<Vec<u8>, Error> {
-        let url = format!("{}/v1/packages/{sha}", self.gateway_url().await?);
+        let mut last = Error::new(ErrorCode::Unavailable, "no gateway answered");
+        for base in self.gateway_urls().await? {
+            match self.fetch_from(&base, sha, expected_size).await {
+                Ok(bytes) => return Ok(bytes),
+                // The package is unknown or wrong there: no other gateway will differ.
+                Err(e) if e.code != ErrorCode::Unavailable => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    async fn fetch_from(
+        &self,
+        base: &str,
+        sha: &str,
+        expected_size: u64,
+    ) -> Result<Vec<u8>, Error> {
+        let url = format!("{base}/v1/packages/{sha}");
         let mut req = self.inner.http.get(&url).timeout(Duration::from_secs(300));
         if let Some(t) = &self.inner.cfg.token {
             req = req.bearer_auth(t);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Error::new(ErrorCode::Unavailable, format!("fetch package {sha}: {e}")))?;
+        let resp = req.send().await.map_err(|e| {
+            Error::new(
+                ErrorCode::Unavailable,
+                format!("fetch package {sha} from {base}: {e}"),
+            )
+        })?;
         let status = resp.status();
         if !status.is_success() {
-            let code = if status.as_u16() == 404 {
-                ErrorCode::PackageNotFound
-            } else {
-                ErrorCode::Unavailable
+            let code = match status.as_u16() {
+                404 => ErrorCode::PackageNotFound,
+                401 | 403 => ErrorCode::Unauthorized,
+                _ => ErrorCode::Unavailable,
             };
             return Err(Error::new(
                 code,
-                format!("fetch package {sha}: HTTP {status}"),
+                format!("fetch package {sha} from {base}: HTTP {status}"),
             ));
         }
         let bytes = resp

@@ -27,6 +27,8 @@ pub struct Config {
     pub cluster: String,
     /// gRPC listen address (port 0 picks a free one).
     pub listen: SocketAddr,
+    /// The cluster credential: gateways and node agents present `Bearer TOKEN`.
+    pub token: String,
     /// Address other components dial, when it differs from the bound one.
     pub advertise: Option<String>,
     /// Interval node agents are told to heartbeat at.
@@ -50,6 +52,7 @@ impl Default for Config {
             id: ferry_core::id::new_id(),
             cluster: "local".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
+            token: String::new(),
             advertise: None,
             heartbeat: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
@@ -63,6 +66,8 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrderServerError {
+    #[error("an order-server needs the cluster token (--token or FERRY_TOKEN)")]
+    NoToken,
     #[error("bind {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -94,6 +99,9 @@ impl Running {
 
 /// Binds, registers in the store and serves until [`Running::shutdown`].
 pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, OrderServerError> {
+    if cfg.token.is_empty() {
+        return Err(OrderServerError::NoToken);
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| OrderServerError::Bind {
@@ -112,13 +120,33 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, OrderS
         .unwrap_or_else(|| format!("http://{addr}"));
     let service = OrderService::start(cfg.clone(), url.clone(), store).await?;
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    let svc = service.clone();
+    let svc = ferry_core::proto::order_server::OrderServer::new(service.clone())
+        .max_decoding_message_size(ferry_core::MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(ferry_core::MAX_GRPC_MESSAGE);
+    let expected = format!("Bearer {}", cfg.token);
+    let authenticate = move |req: tonic::Request<()>| {
+        let presented = req
+            .metadata()
+            .get(ferry_core::AUTH_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if ferry_core::id::constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            Ok(req)
+        } else {
+            Err(ferry_core::Error::new(
+                ferry_core::ErrorCode::Unauthorized,
+                "missing or invalid cluster credential",
+            )
+            .to_status())
+        }
+    };
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, authenticate);
     let server = tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let result = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .add_service(ferry_core::proto::order_server::OrderServer::new(svc))
+            .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop.await;
             })

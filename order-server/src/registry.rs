@@ -34,6 +34,11 @@ pub struct NodeEntry {
     /// Store revision of this attachment's NodeRecord (fencing for the detach write).
     pub attach_rev: i64,
     used: Capacity,
+    /// What the node said it uses in its last heartbeat (it may run work this
+    /// instance did not place, e.g. from before a re-attach).
+    reported: Capacity,
+    /// Set by a reject: the node is full in its own eyes until it heartbeats again.
+    full: bool,
     packages: HashSet<String>,
     pending: HashMap<String, Pending>,
 }
@@ -59,11 +64,21 @@ fn sub(a: &mut Capacity, b: &Capacity) {
 }
 
 fn add(a: &mut Capacity, b: &Capacity) {
-    a.cpu_millis += b.cpu_millis;
-    a.memory_mb += b.memory_mb;
-    a.gpus += b.gpus;
-    a.fpga_slots += b.fpga_slots;
-    a.slots += b.slots;
+    a.cpu_millis = a.cpu_millis.saturating_add(b.cpu_millis);
+    a.memory_mb = a.memory_mb.saturating_add(b.memory_mb);
+    a.gpus = a.gpus.saturating_add(b.gpus);
+    a.fpga_slots = a.fpga_slots.saturating_add(b.fpga_slots);
+    a.slots = a.slots.saturating_add(b.slots);
+}
+
+fn max(a: &Capacity, b: &Capacity) -> Capacity {
+    Capacity {
+        cpu_millis: a.cpu_millis.max(b.cpu_millis),
+        memory_mb: a.memory_mb.max(b.memory_mb),
+        gpus: a.gpus.max(b.gpus),
+        fpga_slots: a.fpga_slots.max(b.fpga_slots),
+        slots: a.slots.max(b.slots),
+    }
 }
 
 impl Registry {
@@ -91,15 +106,22 @@ impl Registry {
             last_seen: Instant::now(),
             attach_rev: 0,
             used: Capacity::default(),
+            reported: Capacity::default(),
+            full: false,
             packages: packages.into_iter().collect(),
             pending: HashMap::new(),
         };
         self.lock().insert(id.to_string(), entry);
     }
 
-    pub fn set_attach_rev(&self, id: &str, conn: u64, rev: i64) {
-        if let Some(n) = self.lock().get_mut(id).filter(|n| n.conn == conn) {
-            n.attach_rev = rev;
+    /// Returns false when that attachment is already gone.
+    pub fn set_attach_rev(&self, id: &str, conn: u64, rev: i64) -> bool {
+        match self.lock().get_mut(id).filter(|n| n.conn == conn) {
+            Some(n) => {
+                n.attach_rev = rev;
+                true
+            }
+            None => false,
         }
     }
 
@@ -114,9 +136,13 @@ impl Registry {
         }
     }
 
-    pub fn heartbeat(&self, id: &str, conn: u64) {
+    pub fn heartbeat(&self, id: &str, conn: u64, reported: Option<Capacity>) {
         if let Some(n) = self.lock().get_mut(id).filter(|n| n.conn == conn) {
             n.last_seen = Instant::now();
+            if let Some(r) = reported {
+                n.reported = r;
+                n.full = false;
+            }
         }
     }
 
@@ -144,10 +170,14 @@ impl Registry {
             .iter()
             .map(|id| {
                 let n = &map[*id];
+                let mut used = max(&n.used, &n.reported);
+                if n.full {
+                    used.slots = n.capacity.slots;
+                }
                 NodeView {
                     id: (*id).clone(),
                     capacity: n.capacity,
-                    used: n.used,
+                    used,
                     tags: n.tags.clone(),
                     has_package: n.packages.contains(sha),
                     schedulable: true,
@@ -193,6 +223,9 @@ impl Registry {
             return Some(reply);
         };
         sub(&mut n.used, &p.reserved);
+        if matches!(reply, Reply::Rejected(_)) {
+            n.full = true;
+        }
         // A node that ran the package (whatever the function did) holds it now.
         if let Reply::Done(r) = &reply
             && r.outcome() != Outcome::Failed
@@ -248,6 +281,10 @@ impl Registry {
             add(&mut total, &n.capacity);
         }
         (map.len() as u32, total)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
     }
 
     pub fn clear(&self) {

@@ -216,7 +216,7 @@ impl OrderService {
             for (id, conn, tx) in self.inner.nodes.silent(self.inner.cfg.dead_after) {
                 warn!(node_id = %id, "node missed heartbeats; declaring it dead");
                 let _ = tx.try_send(Err(Status::unavailable("heartbeat timeout")));
-                self.detach(&id, conn, "heartbeat timeout").await;
+                self.detach(&id, conn, "heartbeat timeout");
             }
         }
     }
@@ -255,12 +255,25 @@ impl OrderService {
         }
     }
 
-    async fn detach(&self, node_id: &str, conn: u64, why: &str) {
+    /// Removes the node from placement at once; records the transition in the
+    /// background (a slow store must not keep a dead node placeable).
+    fn detach(&self, node_id: &str, conn: u64, why: &str) {
         let Some(attach_rev) = self.inner.nodes.detach(node_id, conn) else {
             return;
         };
         info!(node_id, why, "node detached");
         self.inner.changed.notify_one();
+        let svc = self.clone();
+        let node_id = node_id.to_string();
+        tokio::spawn(async move { svc.record_dead(&node_id, attach_rev).await });
+    }
+
+    /// Writes the node's `dead` record, fenced on our own attach write: if the node has
+    /// attached elsewhere since, the record is no longer ours to change.
+    async fn record_dead(&self, node_id: &str, attach_rev: i64) {
+        if attach_rev <= 0 {
+            return;
+        }
         let record = NodeRecord {
             id: node_id.to_string(),
             cluster: self.inner.cfg.cluster.clone(),
@@ -271,19 +284,16 @@ impl OrderService {
             labels: Default::default(),
             since_ms: ferry_core::now_ms(),
         };
-        // Fenced on our own attach write: if the node has attached elsewhere since, the
-        // record is no longer ours to change.
         let key = keys::node(&self.inner.cfg.cluster, node_id);
-        if attach_rev > 0
-            && let Err(e) = self
-                .inner
-                .store
-                .compare_and_put(
-                    &key,
-                    serde_json::to_vec(&record).unwrap_or_default(),
-                    attach_rev,
-                )
-                .await
+        if let Err(e) = self
+            .inner
+            .store
+            .compare_and_put(
+                &key,
+                serde_json::to_vec(&record).unwrap_or_default(),
+                attach_rev,
+            )
+            .await
         {
             warn!(node_id, error = %e, "could not record node detach");
         }
@@ -292,9 +302,12 @@ impl OrderService {
     async fn handle_node_message(&self, node_id: &str, conn: u64, msg: NodeMessage) {
         let nodes = &self.inner.nodes;
         match msg.msg {
-            Some(node_message::Msg::Heartbeat(_)) => nodes.heartbeat(node_id, conn),
+            Some(node_message::Msg::Heartbeat(hb)) => {
+                nodes.heartbeat(node_id, conn, hb.used.as_ref().map(Capacity::from));
+                self.inner.capacity_freed.notify_one();
+            }
             Some(node_message::Msg::Accept(a)) => {
-                nodes.heartbeat(node_id, conn);
+                nodes.heartbeat(node_id, conn, None);
                 debug!(node_id, task_id = %a.task_id, attempt = a.attempt, "accepted");
             }
             Some(node_message::Msg::Reject(r)) => {
@@ -305,7 +318,7 @@ impl OrderService {
                 debug!(node_id, task_id = %p.task_id, percent = p.percent, "progress");
             }
             Some(node_message::Msg::Result(r)) => {
-                nodes.heartbeat(node_id, conn);
+                nodes.heartbeat(node_id, conn, None);
                 let task_id = r.task_id.clone();
                 let unclaimed = nodes.complete(node_id, conn, &task_id, Reply::Done(r));
                 self.inner.capacity_freed.notify_one();
@@ -396,32 +409,43 @@ impl proto::order_server::Order for OrderService {
             labels: reg.labels.into_iter().collect(),
             since_ms: ferry_core::now_ms(),
         };
-        let key = keys::node(&self.inner.cfg.cluster, &node_id);
-        match self
-            .inner
-            .store
-            .put(&key, serde_json::to_vec(&record).unwrap_or_default(), 0)
-            .await
-        {
-            Ok(rev) => self.inner.nodes.set_attach_rev(&node_id, conn, rev),
-            Err(e) => warn!(node_id = %node_id, error = %e, "could not record node attach"),
-        }
-        self.inner.changed.notify_one();
-
         let svc = self.clone();
+        let reader_node = node_id.clone();
         let reader = async move {
             loop {
                 match inbound.message().await {
-                    Ok(Some(msg)) => svc.handle_node_message(&node_id, conn, msg).await,
-                    Ok(None) => break svc.detach(&node_id, conn, "stream closed").await,
+                    Ok(Some(msg)) => svc.handle_node_message(&reader_node, conn, msg).await,
+                    Ok(None) => break svc.detach(&reader_node, conn, "stream closed"),
                     Err(e) => {
-                        break svc
-                            .detach(&node_id, conn, &format!("stream error: {}", e.message()))
-                            .await;
+                        break svc.detach(
+                            &reader_node,
+                            conn,
+                            &format!("stream error: {}", e.message()),
+                        );
                     }
                 }
             }
         };
+        // The attach record is written in the background: attaching never waits on the
+        // store. If the node is gone again by the time it lands, mark it dead.
+        let svc = self.clone();
+        let key = keys::node(&self.inner.cfg.cluster, &node_id);
+        tokio::spawn(async move {
+            match svc
+                .inner
+                .store
+                .put(&key, serde_json::to_vec(&record).unwrap_or_default(), 0)
+                .await
+            {
+                Ok(rev) => {
+                    if !svc.inner.nodes.set_attach_rev(&node_id, conn, rev) {
+                        svc.record_dead(&node_id, rev).await;
+                    }
+                }
+                Err(e) => warn!(node_id = %node_id, error = %e, "could not record node attach"),
+            }
+            svc.inner.changed.notify_one();
+        });
         tokio::spawn(reader.instrument(info_span!("node", node_id = %reg.node_id)));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -461,8 +485,10 @@ impl OrderService {
         let deadline = Duration::from_millis(spec.timeout_ms) + self.inner.cfg.assignment_grace;
         let started = Instant::now();
         let mut excluded = HashSet::new();
-        // A node may reject (its own view of its capacity is the truth); try others.
-        for attempt in 1..=3u32 {
+        // A node may reject (its own view of its capacity is the truth): try every other
+        // node that fits, each at most once.
+        let tries = self.inner.nodes.len().clamp(1, 64) as u32;
+        for attempt in 1..=tries {
             let task_id = ferry_core::id::new_id();
             let Some(placed) =
                 self.inner
@@ -486,8 +512,23 @@ impl OrderService {
                 excluded.insert(placed.node_id);
                 continue;
             }
+            // If this future is dropped (the caller went away or its deadline passed)
+            // or times out, the reservation is freed and the node told to stop.
+            let mut guard = CancelOnDrop {
+                nodes: &self.inner.nodes,
+                node_id: placed.node_id.clone(),
+                task_id: task_id.clone(),
+                attempt,
+                tx: placed.tx.clone(),
+                armed: true,
+            };
             let left = deadline.saturating_sub(started.elapsed());
-            match tokio::time::timeout(left, placed.reply).await {
+            let reply = tokio::time::timeout(left, placed.reply).await;
+            if reply.is_ok() {
+                guard.armed = false;
+            }
+            drop(guard);
+            match reply {
                 Ok(Ok(Reply::Done(r))) => {
                     return Ok(InvokeReply {
                         outcome: r.outcome,
@@ -514,14 +555,6 @@ impl OrderService {
                     ));
                 }
                 Err(_) => {
-                    self.inner.nodes.abandon(&placed.node_id, &task_id);
-                    let cancel = ServerMessage {
-                        msg: Some(server_message::Msg::Cancel(proto::Cancel {
-                            task_id,
-                            attempt,
-                        })),
-                    };
-                    let _ = placed.tx.try_send(Ok(cancel));
                     return Err(Error::new(
                         ErrorCode::Timeout,
                         format!("no result within {} ms", deadline.as_millis()),
@@ -536,5 +569,31 @@ impl OrderService {
                 spec.name, spec.cpu_millis, spec.memory_mb
             ),
         ))
+    }
+}
+
+/// Frees a placed task's reservation and tells its node to stop, unless disarmed.
+struct CancelOnDrop<'a> {
+    nodes: &'a Registry,
+    node_id: String,
+    task_id: String,
+    attempt: u32,
+    tx: crate::registry::Outbound,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.nodes.abandon(&self.node_id, &self.task_id);
+        let cancel = proto::Cancel {
+            task_id: std::mem::take(&mut self.task_id),
+            attempt: self.attempt,
+        };
+        let _ = self.tx.try_send(Ok(ServerMessage {
+            msg: Some(server_message::Msg::Cancel(cancel)),
+        }));
     }
 }

@@ -679,3 +679,155 @@ mod tests {
         assert!(queue_rank(&old_batch) < queue_rank(&critical));
     }
 }
+
+#[cfg(test)]
+mod fencing {
+    use std::sync::Arc;
+
+    use ferry_core::model::VersionRecord;
+    use ferry_core::package::{Kind, Limits};
+    use ferry_core::task::{Priority, RetryPolicy};
+    use ferry_store::Store;
+
+    use super::*;
+    use crate::Config;
+
+    fn running_task(owner: &str) -> TaskRecord {
+        TaskRecord {
+            id: ferry_core::id::new_id(),
+            function: "f".into(),
+            version: VersionRecord {
+                name: "f".into(),
+                version: 1,
+                sha256: "0".repeat(64),
+                size: 1,
+                kind: Kind::Wasm,
+                limits: Limits::default(),
+                retry: RetryPolicy::default(),
+                created_ms: 0,
+            },
+            cluster: "local".into(),
+            priority: Priority::Normal,
+            state: TaskState::Running,
+            input: vec![],
+            attempt: 1,
+            function_failures: 0,
+            platform_failures: 0,
+            retry: RetryPolicy::default(),
+            created_ms: ferry_core::now_ms(),
+            updated_ms: 0,
+            not_before_ms: 0,
+            owner: Some(owner.into()),
+            attempts: vec![],
+            output: None,
+            error: None,
+            error_code: None,
+            log_tail: String::new(),
+            callback_url: None,
+            request_id: String::new(),
+            cancel_requested: false,
+        }
+    }
+
+    fn ok_result(task: &TaskRecord) -> TaskResult {
+        TaskResult {
+            task_id: format!("{}#1", task.id),
+            attempt: 1,
+            outcome: Outcome::Succeeded as i32,
+            output: b"done".to_vec(),
+            ..TaskResult::default()
+        }
+    }
+
+    async fn state_of(store: &Arc<dyn Store>, id: &str) -> TaskState {
+        let kv = store.get(&keys::task(id)).await.unwrap().unwrap();
+        serde_json::from_slice::<TaskRecord>(&kv.value)
+            .unwrap()
+            .state
+    }
+
+    #[tokio::test]
+    async fn completions_are_fenced_by_revision_and_by_the_instance_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let cfg = Config {
+            token: "t".into(),
+            ..Config::default()
+        };
+        let svc = OrderService::start(cfg.clone(), "http://127.0.0.1:1".into(), store.clone())
+            .await
+            .unwrap();
+        assert!(svc.incarnation() > 0);
+        let task = running_task(&cfg.id);
+        let rev = store
+            .put(&keys::task(&task.id), serde_json::to_vec(&task).unwrap(), 0)
+            .await
+            .unwrap();
+
+        // A stale revision: someone moved the task on since our claim.
+        assert!(
+            !svc.commit(
+                task.clone(),
+                rev - 1,
+                AttemptEnd::Succeeded,
+                Some(ok_result(&task)),
+                None,
+                true,
+                vec![]
+            )
+            .await
+        );
+        assert_eq!(state_of(&store, &task.id).await, TaskState::Running);
+
+        // Our registration vanished (the lease expired while we were paused) and was
+        // written again: the old incarnation's completion must change nothing.
+        let reg = keys::order_server(&cfg.cluster, &cfg.id);
+        let old = store.get(&reg).await.unwrap().unwrap();
+        store.delete(&reg).await.unwrap();
+        store.put(&reg, old.value, 0).await.unwrap();
+        assert!(
+            !svc.commit(
+                task.clone(),
+                rev,
+                AttemptEnd::Succeeded,
+                Some(ok_result(&task)),
+                None,
+                true,
+                vec![]
+            )
+            .await
+        );
+        assert_eq!(state_of(&store, &task.id).await, TaskState::Running);
+        assert_eq!(svc.stale_completions(), 2);
+
+        // Unfenced by registration (the orphan/adoption path) but at the right revision:
+        // committed once, and a second identical completion is stale.
+        assert!(
+            svc.commit(
+                task.clone(),
+                rev,
+                AttemptEnd::Succeeded,
+                Some(ok_result(&task)),
+                None,
+                false,
+                vec![]
+            )
+            .await
+        );
+        assert_eq!(state_of(&store, &task.id).await, TaskState::Succeeded);
+        assert!(
+            !svc.commit(
+                task.clone(),
+                rev,
+                AttemptEnd::Succeeded,
+                Some(ok_result(&task)),
+                None,
+                false,
+                vec![]
+            )
+            .await
+        );
+        svc.close().await;
+    }
+}

@@ -39,11 +39,34 @@ pub struct Invocation {
     pub request_id: Option<String>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .finish()
+    }
+}
+
+/// Percent-encodes a path segment (function names are validated server-side; this
+/// keeps a stray `?` or `/` from reaching another route).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl Client {
@@ -132,7 +155,7 @@ impl Client {
         let r = self
             .req(
                 reqwest::Method::POST,
-                &format!("/v1/functions/{name}/versions"),
+                &format!("/v1/functions/{}/versions", seg(name)),
             )
             .header("content-type", "application/gzip")
             .timeout(Duration::from_secs(600))
@@ -155,7 +178,7 @@ impl Client {
         let r = self
             .req(
                 reqwest::Method::POST,
-                &format!("/v1/functions/{name}/invoke"),
+                &format!("/v1/functions/{}/invoke", seg(name)),
             )
             .header("content-type", content_type)
             .body(input);
@@ -204,7 +227,7 @@ impl Client {
         let mut r = self
             .req(
                 reqwest::Method::POST,
-                &format!("/v1/functions/{name}/tasks"),
+                &format!("/v1/functions/{}/tasks", seg(name)),
             )
             .header(
                 "content-type",
@@ -229,7 +252,7 @@ impl Client {
 
     /// A task's current record.
     pub async fn task(&self, id: &str) -> Result<serde_json::Value, ClientError> {
-        self.get_json(&format!("/v1/tasks/{id}")).await
+        self.get_json(&format!("/v1/tasks/{}", seg(id))).await
     }
 
     /// Polls a task until it reaches a final state or `timeout` passes (then returns
@@ -254,8 +277,11 @@ impl Client {
 
     /// Requests cancellation.
     pub async fn cancel(&self, id: &str) -> Result<serde_json::Value, ClientError> {
-        self.json(self.req(reqwest::Method::POST, &format!("/v1/tasks/{id}/cancel")))
-            .await
+        self.json(self.req(
+            reqwest::Method::POST,
+            &format!("/v1/tasks/{}/cancel", seg(id)),
+        ))
+        .await
     }
 }
 
