@@ -67,8 +67,17 @@ pub fn ferry() -> Command {
     c
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_every(timeout, Duration::from_millis(100), f).await
+}
+
+/// Polls `f` every `period` until it returns true or `timeout` passes.
+pub async fn eventually_every<F, Fut>(timeout: Duration, period: Duration, mut f: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -78,7 +87,7 @@ where
         if f().await {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(period).await;
     }
     false
 }
