@@ -145,7 +145,10 @@ async fn invoke(b: InvokeBench, env: &Env) -> anyhow::Result<ExitCode> {
     .context("gateway URL")?;
     let bearer = match &cluster {
         Some((c, _)) => format!("Bearer {}", c.token),
-        None => format!("Bearer {}", token_of(&b.client, env).unwrap_or_default()),
+        None => format!(
+            "Bearer {}",
+            crate::client::token(&b.client, env).unwrap_or_default()
+        ),
     };
     // One second of warm-up, not counted.
     load(
@@ -333,17 +336,6 @@ async fn runtime_baseline(dir: &std::path::Path, data: &str) -> anyhow::Result<S
         .context("join")?
         .map_err(|_| anyhow::anyhow!("runtime baseline panicked"))??;
     Ok(summarize(lat))
-}
-
-fn token_of(a: &ClientArgs, env: &Env) -> Option<String> {
-    a.token
-        .clone()
-        .or_else(|| env.get("FERRY_TOKEN").map(str::to_string))
-        .or_else(|| {
-            std::fs::read_to_string(".ferry/token")
-                .ok()
-                .map(|t| t.trim().to_string())
-        })
 }
 
 /// `concurrency` keep-alive HTTP/1.1 connections sending requests back to back for

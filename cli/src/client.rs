@@ -27,8 +27,12 @@ pub fn connect(a: &ClientArgs, env: &Env) -> Client {
         .clone()
         .or_else(|| env.get("FERRY_URL").map(str::to_string))
         .unwrap_or_else(|| "http://127.0.0.1:7070".into());
-    let token = a
-        .token
+    Client::new(url, token(a, env))
+}
+
+/// The token: `--token`, else FERRY_TOKEN, else `./.ferry/token`.
+pub fn token(a: &ClientArgs, env: &Env) -> Option<String> {
+    a.token
         .clone()
         .or_else(|| env.get("FERRY_TOKEN").map(str::to_string))
         .or_else(|| {
@@ -36,8 +40,7 @@ pub fn connect(a: &ClientArgs, env: &Env) -> Client {
                 .ok()
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
-        });
-    Client::new(url, token)
+        })
 }
 
 /// `--data`: inline text, `@FILE`, or `-` for stdin.
@@ -240,14 +243,9 @@ pub async fn tasks(a: TasksArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if let Some(s) = &a.state {
         path.push_str(&format!("&state={s}"));
     }
-    let v = connect(&a.client, env)
-        .get_json(&path)
-        .await
-        .context("list tasks")?;
-    if a.client.json {
-        print_json(&v);
+    let Some(v) = fetch_or_print(&a.client, env, &path, "tasks").await? else {
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     println!(
         "{:<28} {:<16} {:>4} {:<10} {:<9} {:>4}  ERROR",
         "TASK", "FUNCTION", "VER", "STATE", "PRIORITY", "TRY"
@@ -268,14 +266,9 @@ pub async fn tasks(a: TasksArgs, env: &Env) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn functions(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
-    let v = connect(&a, env)
-        .get_json("/v1/functions")
-        .await
-        .context("list functions")?;
-    if a.json {
-        print_json(&v);
+    let Some(v) = fetch_or_print(&a, env, "/v1/functions", "functions").await? else {
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     let list = v["functions"].as_array().cloned().unwrap_or_default();
     println!("{:<24} {:>7}  DESCRIPTION", "NAME", "LATEST");
     for f in list {
@@ -290,14 +283,10 @@ pub async fn functions(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn versions(a: VersionsArgs, env: &Env) -> anyhow::Result<ExitCode> {
-    let v = connect(&a.client, env)
-        .get_json(&format!("/v1/functions/{}/versions", a.name))
-        .await
-        .context("list versions")?;
-    if a.client.json {
-        print_json(&v);
+    let path = format!("/v1/functions/{}/versions", a.name);
+    let Some(v) = fetch_or_print(&a.client, env, &path, "versions").await? else {
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     println!("{:>7}  {:<6} {:>10}  SHA256", "VERSION", "KIND", "BYTES");
     for r in v["versions"].as_array().cloned().unwrap_or_default() {
         println!(
@@ -311,15 +300,28 @@ pub async fn versions(a: VersionsArgs, env: &Env) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn nodes(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
-    let v = connect(&a, env)
-        .get_json("/v1/nodes")
+/// GETs `path`; with `--json` prints it and returns `None` (nothing left to do).
+async fn fetch_or_print(
+    a: &ClientArgs,
+    env: &Env,
+    path: &str,
+    what: &str,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let v = connect(a, env)
+        .get_json(path)
         .await
-        .context("list nodes")?;
+        .with_context(|| format!("list {what}"))?;
     if a.json {
         print_json(&v);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(None);
     }
+    Ok(Some(v))
+}
+
+pub async fn nodes(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let Some(v) = fetch_or_print(&a, env, "/v1/nodes", "nodes").await? else {
+        return Ok(ExitCode::SUCCESS);
+    };
     println!(
         "{:<28} {:<10} {:<9} {:>9} {:>9} {:>6}  TAGS",
         "NODE", "CLUSTER", "STATE", "CPU(m)", "MEM(MiB)", "SLOTS"
@@ -344,14 +346,9 @@ pub async fn nodes(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn clusters(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
-    let v = connect(&a, env)
-        .get_json("/v1/clusters")
-        .await
-        .context("list clusters")?;
-    if a.json {
-        print_json(&v);
+    let Some(v) = fetch_or_print(&a, env, "/v1/clusters", "clusters").await? else {
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     println!(
         "{:<12} {:<9} {:>6} {:>6} {:>10}",
         "CLUSTER", "STATE", "WEIGHT", "NODES", "INSTANCES"

@@ -130,20 +130,7 @@ fn deploy_invoke_and_survive_a_restart() {
 async fn large_inputs_and_outputs_cross_every_hop() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, client) = start(dir.path()).await;
-    let manifest = "name = \"echo\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n";
-    let pkg = build(vec![
-        PackFile {
-            path: "ferry.toml".into(),
-            bytes: manifest.as_bytes().to_vec(),
-            executable: false,
-        },
-        PackFile {
-            path: "run.sh".into(),
-            bytes: b"#!/bin/sh\nexec cat\n".to_vec(),
-            executable: true,
-        },
-    ])
-    .unwrap();
+    let pkg = common::native_package("echo", "#!/bin/sh\nexec cat\n", "");
     client.deploy("echo", pkg).await.unwrap();
     // 5 MiB: over gRPC's 4 MiB default, under the gateway's 6 MiB body limit.
     let input: Vec<u8> = (0..5 << 20).map(|i: u32| (i % 251) as u8).collect();

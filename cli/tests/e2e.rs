@@ -14,13 +14,7 @@ use ferry_sdk::client::Client;
 const TOKEN: &str = "e2e-token";
 
 fn component(name: &str, store: &str, args: &[&str]) -> Proc {
-    let mut cmd = ferry();
-    cmd.arg(name)
-        .args(args)
-        .env("FERRY_STORE", store)
-        .env("FERRY_TOKEN", TOKEN)
-        .stdout(Stdio::null());
-    Proc::spawn(name, &mut cmd)
+    common::component(name, store, TOKEN, args)
 }
 
 async fn routable_nodes(client: &Client) -> u64 {

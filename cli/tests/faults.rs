@@ -6,25 +6,17 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Proc, ferry, free_port};
-use ferry_core::package::{PackFile, build};
 use ferry_sdk::client::{Client, SubmitOptions};
 
 const TOKEN: &str = "fault-token";
 const TASKS: usize = 1000;
 
 fn component(name: &str, store: &str, args: &[&str]) -> Proc {
-    let mut cmd = ferry();
-    cmd.arg(name)
-        .args(args)
-        .env("FERRY_STORE", store)
-        .env("FERRY_TOKEN", TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    Proc::spawn(name, &mut cmd)
+    common::component(name, store, TOKEN, args)
 }
 
 fn signal(p: &Proc, sig: &str) {
@@ -104,21 +96,11 @@ async fn a_thousand_tasks_survive_kills_and_a_paused_order_server() {
     assert!(attached, "three node agents attach");
 
     // A function slow enough that work is in flight when the faults hit.
-    let manifest = "name = \"echo\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n[limits]\ncpu_millis = 10\nmemory_mb = 64\ntimeout_ms = 10000\n";
-    let script = b"#!/bin/sh\nread -r x\nsleep 0.3\nprintf '{\"echo\":%s}' \"$x\"\n";
-    let pkg = build(vec![
-        PackFile {
-            path: "ferry.toml".into(),
-            bytes: manifest.as_bytes().to_vec(),
-            executable: false,
-        },
-        PackFile {
-            path: "run.sh".into(),
-            bytes: script.to_vec(),
-            executable: true,
-        },
-    ])
-    .unwrap();
+    let pkg = common::native_package(
+        "echo",
+        "#!/bin/sh\nread -r x\nsleep 0.3\nprintf '{\"echo\":%s}' \"$x\"\n",
+        "[limits]\ncpu_millis = 10\nmemory_mb = 64\ntimeout_ms = 10000\n",
+    );
     client.deploy("echo", pkg).await.expect("deploy");
 
     // Submit from 8 callers in the background while the faults happen.

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_cli::up::{Cluster, UpConfig};
-use ferry_core::package::{PackFile, build};
 use ferry_sdk::client::{Client, ClientError, SubmitOptions};
 
 async fn start(dir: &Path, nodes: u32) -> (Cluster, Client) {
@@ -98,20 +97,11 @@ async fn every_task_completes_exactly_once() {
 async fn a_failing_function_is_retried_with_backoff_then_failed() {
     let dir = tempfile::tempdir().unwrap();
     let (cluster, client) = start(dir.path(), 2).await;
-    let manifest = "name = \"fails\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n[retry]\nmax_attempts = 3\nbackoff_ms = 100\n";
-    let pkg = build(vec![
-        PackFile {
-            path: "ferry.toml".into(),
-            bytes: manifest.as_bytes().to_vec(),
-            executable: false,
-        },
-        PackFile {
-            path: "run.sh".into(),
-            bytes: b"#!/bin/sh\necho 'boom: disk on fire' >&2\nexit 7\n".to_vec(),
-            executable: true,
-        },
-    ])
-    .unwrap();
+    let pkg = common::native_package(
+        "fails",
+        "#!/bin/sh\necho 'boom: disk on fire' >&2\nexit 7\n",
+        "[retry]\nmax_attempts = 3\nbackoff_ms = 100\n",
+    );
     client.deploy("fails", pkg).await.unwrap();
     let id = client
         .submit("fails", b"{}".to_vec(), &opts())
@@ -203,20 +193,7 @@ async fn queued_tasks_can_be_cancelled_and_keys_are_idempotent() {
 async fn tasks_of_a_lost_node_run_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
     let (mut cluster, client) = start(dir.path(), 2).await;
-    let manifest = "name = \"slow\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n";
-    let pkg = build(vec![
-        PackFile {
-            path: "ferry.toml".into(),
-            bytes: manifest.as_bytes().to_vec(),
-            executable: false,
-        },
-        PackFile {
-            path: "run.sh".into(),
-            bytes: b"#!/bin/sh\nsleep 1\necho '{\"ok\":true}'\n".to_vec(),
-            executable: true,
-        },
-    ])
-    .unwrap();
+    let pkg = common::native_package("slow", "#!/bin/sh\nsleep 1\necho '{\"ok\":true}'\n", "");
     client.deploy("slow", pkg).await.unwrap();
     let mut ids = vec![];
     for _ in 0..6 {

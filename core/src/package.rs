@@ -798,7 +798,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(MANIFEST), WASM_MANIFEST).unwrap();
         std::fs::write(dir.path().join("hello.wasm"), b"\0asm").unwrap();
-        let out = dir.path().join("pkg.tar.gz");
+        let outside = tempfile::tempdir().unwrap();
+        let out = outside.path().join("pkg.tar.gz");
         let status = std::process::Command::new("tar")
             .args([
                 "-C",

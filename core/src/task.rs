@@ -182,6 +182,42 @@ pub struct QueueEntry {
 }
 
 impl TaskRecord {
+    /// A new task, queued now, with its version's retry policy.
+    pub fn new(
+        id: String,
+        version: VersionRecord,
+        cluster: String,
+        priority: Priority,
+        input: Vec<u8>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            id,
+            function: version.name.clone(),
+            retry: version.retry,
+            version,
+            cluster,
+            priority,
+            state: TaskState::Queued,
+            input,
+            attempt: 0,
+            function_failures: 0,
+            platform_failures: 0,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            not_before_ms: now_ms,
+            owner: None,
+            attempts: vec![],
+            output: None,
+            error: None,
+            error_code: None,
+            log_tail: String::new(),
+            callback_url: None,
+            request_id: String::new(),
+            cancel_requested: false,
+        }
+    }
+
     pub fn queue_entry(&self) -> QueueEntry {
         QueueEntry {
             priority: self.priority,
@@ -301,42 +337,32 @@ mod tests {
     use super::*;
     use crate::package::{Kind, Limits};
 
-    /// A task whose earlier attempts all failed the same way (`attempt - 1` of them).
+    /// A running task whose earlier attempts all failed the same way (`attempt - 1`).
     fn task(attempt: u32) -> TaskRecord {
-        TaskRecord {
-            id: "t".into(),
-            function: "f".into(),
-            version: VersionRecord {
-                name: "f".into(),
-                version: 1,
-                sha256: "0".repeat(64),
-                size: 1,
-                kind: Kind::Wasm,
-                limits: Limits::default(),
-                retry: RetryPolicy::default(),
-                created_ms: 0,
-            },
-            cluster: "local".into(),
-            priority: Priority::Normal,
-            state: TaskState::Running,
-            input: b"\x00\xffhi".to_vec(),
-            attempt,
-            function_failures: attempt - 1,
-            platform_failures: attempt - 1,
+        let version = VersionRecord {
+            name: "f".into(),
+            version: 1,
+            sha256: "0".repeat(64),
+            size: 1,
+            kind: Kind::Wasm,
+            limits: Limits::default(),
             retry: RetryPolicy::default(),
             created_ms: 0,
-            updated_ms: 0,
-            not_before_ms: 0,
-            owner: None,
-            attempts: vec![],
-            output: Some(b"out".to_vec()),
-            error: None,
-            error_code: None,
-            log_tail: String::new(),
-            callback_url: None,
-            request_id: String::new(),
-            cancel_requested: false,
-        }
+        };
+        let mut t = TaskRecord::new(
+            "t".into(),
+            version,
+            "local".into(),
+            Priority::Normal,
+            b"\x00\xffhi".to_vec(),
+            0,
+        );
+        t.state = TaskState::Running;
+        t.attempt = attempt;
+        t.function_failures = attempt - 1;
+        t.platform_failures = attempt - 1;
+        t.output = Some(b"out".to_vec());
+        t
     }
 
     #[test]

@@ -128,31 +128,16 @@ pub async fn submit(
         )
     })?;
     let now = ferry_core::now_ms();
-    let task = TaskRecord {
-        id: ferry_core::id::new_id(),
-        function: fname.to_string(),
-        version: (*version).clone(),
-        cluster: cluster.clone(),
+    let mut task = TaskRecord::new(
+        ferry_core::id::new_id(),
+        (*version).clone(),
+        cluster.clone(),
         priority,
-        state: TaskState::Queued,
-        input: input.to_vec(),
-        attempt: 0,
-        function_failures: 0,
-        platform_failures: 0,
-        retry: version.retry,
-        created_ms: now,
-        updated_ms: now,
-        not_before_ms: now,
-        owner: None,
-        attempts: vec![],
-        output: None,
-        error: None,
-        error_code: None,
-        log_tail: String::new(),
-        callback_url,
-        request_id: rid.0.clone(),
-        cancel_requested: false,
-    };
+        input.to_vec(),
+        now,
+    );
+    task.callback_url = callback_url;
+    task.request_id = rid.0.clone();
     let body_sha256 = ferry_core::id::sha256_hex(&input);
     let tkey = keys::task(&task.id);
     let base = Txn::new()

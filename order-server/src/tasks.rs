@@ -693,40 +693,28 @@ mod fencing {
     use crate::Config;
 
     fn running_task(owner: &str) -> TaskRecord {
-        TaskRecord {
-            id: ferry_core::id::new_id(),
-            function: "f".into(),
-            version: VersionRecord {
-                name: "f".into(),
-                version: 1,
-                sha256: "0".repeat(64),
-                size: 1,
-                kind: Kind::Wasm,
-                limits: Limits::default(),
-                retry: RetryPolicy::default(),
-                created_ms: 0,
-            },
-            cluster: "local".into(),
-            priority: Priority::Normal,
-            state: TaskState::Running,
-            input: vec![],
-            attempt: 1,
-            function_failures: 0,
-            platform_failures: 0,
+        let version = VersionRecord {
+            name: "f".into(),
+            version: 1,
+            sha256: "0".repeat(64),
+            size: 1,
+            kind: Kind::Wasm,
+            limits: Limits::default(),
             retry: RetryPolicy::default(),
-            created_ms: ferry_core::now_ms(),
-            updated_ms: 0,
-            not_before_ms: 0,
-            owner: Some(owner.into()),
-            attempts: vec![],
-            output: None,
-            error: None,
-            error_code: None,
-            log_tail: String::new(),
-            callback_url: None,
-            request_id: String::new(),
-            cancel_requested: false,
-        }
+            created_ms: 0,
+        };
+        let mut t = TaskRecord::new(
+            ferry_core::id::new_id(),
+            version,
+            "local".into(),
+            Priority::Normal,
+            vec![],
+            ferry_core::now_ms(),
+        );
+        t.state = TaskState::Running;
+        t.attempt = 1;
+        t.owner = Some(owner.into());
+        t
     }
 
     fn ok_result(task: &TaskRecord) -> TaskResult {

@@ -23,6 +23,39 @@ pub fn hello_package() -> (ferry_core::package::Manifest, Vec<u8>) {
     ferry_core::package::pack_dir(&root().join("functions/hello")).expect("pack functions/hello")
 }
 
+/// A native package of one shell script: `ferry.toml` (with `extra` TOML appended) and
+/// an executable `run.sh`.
+pub fn native_package(name: &str, script: &str, extra: &str) -> Vec<u8> {
+    use ferry_core::package::{PackFile, build};
+    let manifest =
+        format!("name = \"{name}\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n{extra}");
+    build(vec![
+        PackFile {
+            path: "ferry.toml".into(),
+            bytes: manifest.into_bytes(),
+            executable: false,
+        },
+        PackFile {
+            path: "run.sh".into(),
+            bytes: script.as_bytes().to_vec(),
+            executable: true,
+        },
+    ])
+    .expect("build a native package")
+}
+
+/// One `ferry` component as a process on `store`, with the cluster `token`.
+pub fn component(name: &str, store: &str, token: &str, args: &[&str]) -> Proc {
+    let mut cmd = ferry();
+    cmd.arg(name)
+        .args(args)
+        .env("FERRY_STORE", store)
+        .env("FERRY_TOKEN", token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    Proc::spawn(name, &mut cmd)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
