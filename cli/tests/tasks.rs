@@ -234,3 +234,44 @@ async fn tasks_of_a_lost_node_run_elsewhere() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_task_is_stopped_on_its_node_when_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path(), 1).await;
+    let marker = dir.path().join("finished");
+    let script = format!(
+        "#!/bin/sh\nsleep 5\ntouch {}\necho '{{}}'\n",
+        marker.display()
+    );
+    client
+        .deploy("long", common::native_package("long", &script, ""))
+        .await
+        .unwrap();
+    let id = client
+        .submit("long", b"{}".to_vec(), &opts())
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            client.task(&id).await.unwrap()["state"] == "running"
+        })
+        .await
+    );
+    let t = client.cancel(&id).await.unwrap();
+    assert_eq!(t["cancel_requested"], true, "{t}");
+    let seen = client.task(&id).await.unwrap();
+    assert!(
+        seen["state"] == "cancelled" || seen["cancel_requested"] == true,
+        "the request shows: {seen}"
+    );
+    let t = client.wait(&id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(t["state"], "cancelled", "{t}");
+    assert_eq!(t["attempts"][0]["outcome"], "cancelled");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        !marker.exists(),
+        "the function was killed, not left to finish"
+    );
+    cluster.shutdown().await;
+}

@@ -230,7 +230,10 @@ pub async fn get(
     State(st): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (t, _) = load(&st, &id).await?;
+    let (mut t, _) = load(&st, &id).await?;
+    if !t.state.is_final() {
+        t.cancel_requested = st.store.get(&keys::cancel(&t.id)).await?.is_some();
+    }
     Ok(Json(view(&t)))
 }
 
@@ -304,11 +307,12 @@ pub async fn cancel(
                     .then(Op::delete(keys::queued(&t.cluster, &t.id)))
             }
             _ => {
+                // The record of a running task belongs to its order-server (its
+                // completion is a CAS on the record's revision): only the cancel key is
+                // written, and the owner stops the attempt.
                 t.cancel_requested = true;
-                t.updated_ms = now;
                 Txn::new()
                     .when(Compare::mod_revision(&tkey, rev))
-                    .then(Op::put(&tkey, serde_json::to_vec(&t).unwrap_or_default()))
                     .then(Op::put(
                         keys::cancel(&t.id),
                         serde_json::to_vec(&t.attempt).unwrap_or_default(),

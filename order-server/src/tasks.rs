@@ -354,6 +354,8 @@ impl OrderService {
         result: Option<TaskResult>,
         why: Option<String>,
         as_owner: bool,
+        // Keys the commit deletes: running keys, and for an adopted result, the queue
+        // entry of its re-queued task.
         running_keys: Vec<String>,
     ) -> bool {
         let now = ferry_core::now_ms();
@@ -387,6 +389,10 @@ impl OrderService {
             a.finished_ms = Some(now);
             a.outcome = Some(end.as_str().to_string());
             a.error = error.clone();
+        }
+        // A cancellation is requested through its key (the record stays the owner's).
+        if self.inner.cancels.get(&keys::cancel(&task_id)).is_some() {
+            task.cancel_requested = true;
         }
         let next = after_attempt(&task, end, now, rand::rng().random::<f64>());
         match end {
@@ -429,8 +435,13 @@ impl OrderService {
                 ));
             }
         }
+        let requeued = matches!(next, Next::Retry { .. });
+        let queue_key = keys::queued(&task.cluster, &task_id);
         for key in running_keys {
-            txn = txn.then(Op::delete(key));
+            // A re-queued task puts its queue key back in this same transaction.
+            if !(requeued && key == queue_key) {
+                txn = txn.then(Op::delete(key));
+            }
         }
         let txn = txn.then(Op::put(
             keys::task(&task_id),
@@ -487,14 +498,11 @@ impl OrderService {
         if owner_alive {
             return; // its owner will hear from the node, or re-queue it
         }
+        let mut obsolete = self.inner.running_keys_of(task_id).await;
         if task.state == TaskState::Queued {
-            // Re-queued after its instance died; the attempt finished after all.
-            let _ = self
-                .inner
-                .store
-                .delete(&keys::queued(&task.cluster, &task.id))
-                .await;
-            task.state = TaskState::Running;
+            // Re-queued after its instance died, but the attempt finished after all:
+            // its queue entry goes in the same transaction as the result.
+            obsolete.push(keys::queued(&task.cluster, &task.id));
         }
         info!(
             task_id,
@@ -502,7 +510,7 @@ impl OrderService {
             "adopting a result from an earlier owner"
         );
         let end = attempt_end(&r);
-        let running = self.inner.running_keys_of(task_id).await;
+        let running = obsolete;
         self.commit(task, kv.mod_revision, end, Some(r), None, false, running)
             .await;
     }
