@@ -480,7 +480,7 @@ impl OrderService {
         let Ok(Some(kv)) = self.inner.store.get(&keys::task(task_id)).await else {
             return;
         };
-        let Ok(mut task) = serde_json::from_slice::<TaskRecord>(&kv.value) else {
+        let Ok(task) = serde_json::from_slice::<TaskRecord>(&kv.value) else {
             return;
         };
         if task.attempt != r.attempt || task.state.is_final() {
