@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Proc, ferry, free_port};
+use common::{Proc, free_port};
 use ferry_sdk::client::{Client, SubmitOptions};
 
 const TOKEN: &str = "fault-token";

@@ -592,9 +592,18 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
+/// Streams a package (never whole in memory: every node fetches each new version).
 async fn get_package(State(st): St, Path(sha): Path<String>) -> ApiResult<Response> {
-    let bytes = st.blobs.get(&sha).await?;
-    Ok(([(header::CONTENT_TYPE, "application/gzip")], bytes).into_response())
+    let (file, len) = st.blobs.open(&sha).await?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 << 10));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/gzip".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 async fn list_nodes(State(st): St) -> ApiResult<Json<serde_json::Value>> {

@@ -50,14 +50,20 @@ impl Blobs {
         tokio::fs::rename(&tmp, &path).await.map_err(io)
     }
 
-    pub async fn get(&self, sha: &str) -> Result<Vec<u8>, Error> {
+    /// Opens a stored package for streaming: (file, length).
+    pub async fn open(&self, sha: &str) -> Result<(tokio::fs::File, u64), Error> {
         if !ferry_core::id::valid_sha256(sha) {
             return Err(Error::new(
                 ErrorCode::PackageNotFound,
                 format!("package {sha:?} not found"),
             ));
         }
-        tokio::fs::read(self.path(sha)).await.map_err(|e| {
+        let open = async {
+            let f = tokio::fs::File::open(self.path(sha)).await?;
+            let len = f.metadata().await?.len();
+            Ok::<_, std::io::Error>((f, len))
+        };
+        open.await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::new(
                     ErrorCode::PackageNotFound,

@@ -223,6 +223,9 @@ impl Registry {
             return Some(reply);
         };
         sub(&mut n.used, &p.reserved);
+        // The node's last report counted this task too: until its next heartbeat,
+        // take it out of the report as well, or the node looks busy for up to a second.
+        sub(&mut n.reported, &p.reserved);
         if matches!(reply, Reply::Rejected(_)) {
             n.full = true;
         }

@@ -1,0 +1,386 @@
+//! Runs the job: probe, one-decode ladder (per-rung retries when it fails), verify,
+//! cover, quality, manifest. Every ffmpeg/ffprobe is a child process in our process
+//! group, so the platform's timeout kill reaches them too.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, anyhow, bail};
+use sha2::{Digest, Sha256};
+
+use crate::ffmpeg::{self, Progress, Settings};
+use crate::ladder::{self, Planned};
+use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
+use crate::probe::{self, Source};
+use crate::request::{Input, Job};
+
+/// What a child process left behind.
+struct Ran {
+    ok: bool,
+    status: String,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+fn command(args: &[String]) -> anyhow::Result<Command> {
+    let (prog, rest) = args.split_first().ok_or_else(|| anyhow!("empty command"))?;
+    let mut c = Command::new(prog);
+    c.args(rest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Fewer malloc arenas: less address space reserved per thread (RLIMIT_AS).
+        .env("MALLOC_ARENA_MAX", "4");
+    Ok(c)
+}
+
+fn spawn_error(prog: &str, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        anyhow!("cannot run {prog}: not found on PATH (is ffmpeg installed?)")
+    } else {
+        anyhow!("cannot run {prog}: {e}")
+    }
+}
+
+/// Reads a pipe to its end on a thread.
+fn drain(r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut r = r;
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Runs a command to its end, capturing stdout and stderr.
+fn capture(args: &[String]) -> anyhow::Result<Ran> {
+    let mut child = command(args)?
+        .spawn()
+        .map_err(|e| spawn_error(&args[0], e))?;
+    let out = child.stdout.take().map(drain);
+    let err = child.stderr.take().map(drain);
+    let status = child.wait().context("wait for a child process")?;
+    let stdout = out.and_then(|h| h.join().ok()).unwrap_or_default();
+    let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    Ok(Ran {
+        ok: status.success(),
+        status: status.to_string(),
+        stdout,
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
+
+/// Runs an encode with `-progress pipe:1`, printing progress lines to stderr.
+fn encode(args: &[String], duration_s: f64) -> anyhow::Result<Ran> {
+    let mut child = command(args)?
+        .spawn()
+        .map_err(|e| spawn_error(&args[0], e))?;
+    let err = child.stderr.take().map(drain);
+    if let Some(out) = child.stdout.take() {
+        let mut p = Progress::new(duration_s);
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Some((pct, fps)) = p.line(&line) {
+                eprintln!("{}", ffmpeg::progress_line(pct, fps));
+            }
+        }
+    }
+    let status = child.wait().context("wait for ffmpeg")?;
+    let stderr = err.and_then(|h| h.join().ok()).unwrap_or_default();
+    Ok(Ran {
+        ok: status.success(),
+        status: status.to_string(),
+        stdout: vec![],
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
+}
+
+fn reason(r: &Ran) -> String {
+    ffmpeg::error_reason(&r.stderr).unwrap_or_else(|| format!("ffmpeg ended with {}", r.status))
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<(u64, String)> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+        h.update(&buf[..k]);
+    }
+    Ok((n, hex::encode(h.finalize())))
+}
+
+fn ms(t: Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}
+
+fn ffprobe_args(input: &str, network: bool) -> Vec<String> {
+    let mut a: Vec<String> = ["ffprobe", "-v", "error"].map(String::from).into();
+    if network {
+        a.extend(["-rw_timeout".into(), "30000000".into()]);
+    }
+    a.extend(["-show_streams", "-show_format", "-of", "json", input].map(String::from));
+    a
+}
+
+/// Checks a local input before ffprobe does, for a clearer message.
+fn check_input(job: &Job) -> anyhow::Result<()> {
+    if let Input::File(p) = &job.input {
+        let meta = std::fs::metadata(p).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow!("input file {} does not exist", p.display()),
+            _ => anyhow!("input file {} cannot be read: {e}", p.display()),
+        })?;
+        if !meta.is_file() {
+            bail!("input {} is not a regular file", p.display());
+        }
+        std::fs::File::open(p)
+            .map_err(|e| anyhow!("input file {} cannot be read: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+pub fn probe_source(job: &Job) -> anyhow::Result<Source> {
+    check_input(job)?;
+    let ran = capture(&ffprobe_args(
+        &job.input.ffmpeg_arg(),
+        job.input.is_network(),
+    ))?;
+    if !ran.ok {
+        let why = ffmpeg::error_reason(&ran.stderr).unwrap_or(ran.status);
+        bail!("cannot read the input {}: {why}", job.input_url);
+    }
+    probe::source(&ran.stdout).map_err(|e| anyhow!("{e} ({})", job.input_url))
+}
+
+fn remove(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+/// Probes and hashes a written rendition.
+fn verify(
+    rung: &Planned,
+    dir: &Path,
+    encoded_in: &'static str,
+    command: Option<String>,
+) -> Result<Delivered, String> {
+    let path = ffmpeg::rendition_path(dir, &rung.name);
+    let ran =
+        capture(&ffprobe_args(&path.display().to_string(), false)).map_err(|e| e.to_string())?;
+    if !ran.ok {
+        return Err(format!(
+            "ffprobe cannot read the rendition: {}",
+            ffmpeg::error_reason(&ran.stderr).unwrap_or(ran.status)
+        ));
+    }
+    let facts = probe::facts(&ran.stdout)?;
+    let (size_bytes, sha256) = sha256_file(&path).map_err(|e| e.to_string())?;
+    Ok(Delivered {
+        rung: rung.clone(),
+        encoded_in,
+        ffmpeg_command: command,
+        path,
+        size_bytes,
+        sha256,
+        facts,
+    })
+}
+
+fn failed(rung: &Planned, reason: String, command: String) -> Failed {
+    Failed {
+        name: rung.name.clone(),
+        width: rung.width,
+        height: rung.height,
+        target_bitrate_kbps: rung.bitrate_kbps,
+        reason,
+        ffmpeg_command: command,
+    }
+}
+
+/// The whole transcode.
+pub fn run(job: &Job) -> anyhow::Result<Manifest> {
+    let start = Instant::now();
+    let mut timings = Timings::default();
+
+    let t = Instant::now();
+    let source = probe_source(job)?;
+    timings.probe = ms(t);
+    let plan = ladder::plan(&source, &job.ladder, job.min_one_rendition);
+    if plan.rungs.is_empty() {
+        bail!(
+            "every rung is taller than the source ({}x{}); add a smaller rung or set min_one_rendition",
+            source.display_width,
+            source.display_height
+        );
+    }
+    let dir = &job.output_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow!("cannot create the output directory {}: {e}", dir.display()))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let set = Settings::new(job, &source, cores);
+
+    // One decode for every rung.
+    let t = Instant::now();
+    let args = ffmpeg::ladder_args(&set, &plan.rungs, dir);
+    let ffmpeg_command = ffmpeg::shell_line(&args);
+    eprintln!(
+        "transcode: {} rung(s) from {}x{} @ {} fps: {}",
+        plan.rungs.len(),
+        source.display_width,
+        source.display_height,
+        source.frame_rate,
+        plan.rungs
+            .iter()
+            .map(|r| format!("{} {}x{} {}k", r.name, r.width, r.height, r.bitrate_kbps))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let ran = encode(&args, source.duration_s)?;
+    timings.ladder = ms(t);
+
+    let mut encoded: Vec<(Planned, &'static str, Option<String>)> = vec![];
+    let mut failures = vec![];
+    let mut ladder_error = None;
+    if ran.ok {
+        encoded.extend(plan.rungs.iter().map(|r| (r.clone(), "ladder", None)));
+    } else {
+        // A failing rung must not take the others down: retry each rung alone.
+        let why = reason(&ran);
+        eprintln!("transcode: the one-decode run failed ({why}); retrying each rung alone");
+        ladder_error = Some(why);
+        for r in &plan.rungs {
+            remove(&ffmpeg::rendition_path(dir, &r.name));
+        }
+        let t = Instant::now();
+        for r in &plan.rungs {
+            let args = ffmpeg::ladder_args(&set, std::slice::from_ref(r), dir);
+            let line = ffmpeg::shell_line(&args);
+            eprintln!("transcode: {} alone", r.name);
+            let ran = encode(&args, source.duration_s)?;
+            if ran.ok {
+                encoded.push((r.clone(), "alone", Some(line)));
+            } else {
+                let why = reason(&ran);
+                eprintln!("transcode: {} failed: {why}", r.name);
+                remove(&ffmpeg::rendition_path(dir, &r.name));
+                failures.push(failed(r, why, line));
+            }
+        }
+        timings.retries = ms(t);
+    }
+
+    let t = Instant::now();
+    let mut delivered = vec![];
+    for (r, how, line) in encoded {
+        let command = line.clone().unwrap_or_else(|| ffmpeg_command.clone());
+        match verify(&r, dir, how, line) {
+            Ok(d) => delivered.push(d),
+            Err(why) => {
+                remove(&ffmpeg::rendition_path(dir, &r.name));
+                failures.push(failed(&r, why, command));
+            }
+        }
+    }
+    timings.verify = ms(t);
+    if delivered.is_empty() {
+        let why: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.name, f.reason))
+            .collect();
+        bail!("every rung failed: {}", why.join("; "));
+    }
+
+    let t = Instant::now();
+    let (cover, cover_error) = if job.cover {
+        match make_cover(&set, &source, dir) {
+            Ok(c) => (Some(c), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
+    } else {
+        (None, None)
+    };
+    timings.cover = ms(t);
+
+    let t = Instant::now();
+    let (quality, quality_error) = if job.quality {
+        match measure(&set, &source, &delivered) {
+            Ok(q) => (Some(q), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
+    } else {
+        (None, None)
+    };
+    timings.quality = ms(t);
+    timings.total = ms(start);
+
+    let m = manifest::assemble(manifest::Parts {
+        job,
+        keyint_frames: set.keyint_frames,
+        source,
+        skipped: plan.skipped,
+        delivered,
+        failed: failures,
+        quality,
+        quality_error,
+        cover,
+        cover_error,
+        ffmpeg_command,
+        ladder_error,
+        timings,
+    });
+    let json = serde_json::to_vec_pretty(&m)?;
+    std::fs::write(dir.join("manifest.json"), json)
+        .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("manifest.json").display()))?;
+    Ok(m)
+}
+
+fn make_cover(set: &Settings, source: &Source, dir: &Path) -> anyhow::Result<Cover> {
+    let path: PathBuf = dir.join("cover.jpg");
+    let ran = capture(&ffmpeg::cover_args(set, source, &path))?;
+    let written = std::fs::metadata(&path)
+        .map(|m| m.len() > 0)
+        .unwrap_or(false);
+    if !ran.ok || !written {
+        remove(&path);
+        bail!("{}", reason(&ran));
+    }
+    let (size_bytes, sha256) = sha256_file(&path)?;
+    let (width, height) = ffmpeg::cover_size(source);
+    Ok(Cover {
+        file: "cover.jpg".into(),
+        url: manifest::file_url(&path),
+        path: path.display().to_string(),
+        width,
+        height,
+        time_s: ffmpeg::cover_time(source),
+        size_bytes,
+        sha256,
+    })
+}
+
+fn measure(
+    set: &Settings,
+    source: &Source,
+    delivered: &[Delivered],
+) -> anyhow::Result<BTreeMap<String, ffmpeg::Quality>> {
+    let list: Vec<(String, PathBuf)> = delivered
+        .iter()
+        .map(|d| (d.rung.name.clone(), d.path.clone()))
+        .collect();
+    let ran = capture(&ffmpeg::quality_args(set, source, &list))?;
+    if !ran.ok {
+        bail!("quality check failed: {}", reason(&ran));
+    }
+    let q = ffmpeg::parse_quality(&ran.stderr);
+    if let Some((name, _)) = list.iter().find(|(n, _)| !q.contains_key(n)) {
+        bail!("quality check printed no PSNR/SSIM for {name}");
+    }
+    Ok(q)
+}
