@@ -69,12 +69,7 @@ pub async fn deploy(a: DeployArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if a.build {
         build(&a.dir)?;
     }
-    let dir = a.dir.clone();
-    let (manifest, package) =
-        tokio::task::spawn_blocking(move || ferry_core::package::pack_dir(&dir))
-            .await
-            .context("package the function")?
-            .with_context(|| format!("package {}", a.dir.display()))?;
+    let (manifest, package) = pack(&a.dir).await?;
     let client = connect(&a.client, env);
     let v = client
         .deploy(&manifest.name, package)
@@ -98,6 +93,15 @@ pub async fn deploy(a: DeployArgs, env: &Env) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Packages a function folder (off the async threads: it reads and compresses files).
+async fn pack(dir: &Path) -> anyhow::Result<(ferry_core::package::Manifest, Vec<u8>)> {
+    let owned = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || ferry_core::package::pack_dir(&owned))
+        .await
+        .context("package the function")?
+        .with_context(|| format!("package {}", dir.display()))
 }
 
 /// Runs ferry.toml's `[build] command` in the function's folder.
@@ -369,12 +373,7 @@ pub async fn clusters(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
 /// `ferry run DIR`: package and run a function locally, no servers involved.
 pub async fn run_local(a: RunArgs) -> anyhow::Result<ExitCode> {
     let input = read_input(a.data.as_deref())?;
-    let dir = a.dir.clone();
-    let (manifest, package) =
-        tokio::task::spawn_blocking(move || ferry_core::package::pack_dir(&dir))
-            .await
-            .context("package the function")?
-            .with_context(|| format!("package {}", a.dir.display()))?;
+    let (manifest, package) = pack(&a.dir).await?;
     let sha = ferry_core::id::sha256_hex(&package);
     let cache_dir = a
         .cache_dir

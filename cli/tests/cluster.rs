@@ -5,29 +5,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use ferry_cli::up::{Cluster, UpConfig};
+use ferry_cli::up::Cluster;
 use ferry_core::package::{PackFile, build};
 use ferry_sdk::client::{Client, ClientError};
 
 async fn start(dir: &Path) -> (Cluster, Client) {
-    let cluster = Cluster::start(UpConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.to_path_buf(),
-        token: "test-token".into(),
-        nodes: 2,
-    })
-    .await
-    .expect("start cluster");
-    assert!(
-        cluster.wait_for_nodes(2, Duration::from_secs(15)).await,
-        "two nodes attach"
-    );
-    let client = Client::new(cluster.url.clone(), Some("test-token".into()));
-    (cluster, client)
+    common::start_cluster(dir, 2).await
 }
 
 fn api_error(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, String) {

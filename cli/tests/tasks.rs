@@ -4,35 +4,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_cli::up::{Cluster, UpConfig};
+use ferry_cli::up::Cluster;
 use ferry_sdk::client::{Client, ClientError, SubmitOptions};
 
 async fn start(dir: &Path, nodes: u32) -> (Cluster, Client) {
-    let cluster = Cluster::start(UpConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.to_path_buf(),
-        token: "t".into(),
-        nodes,
-    })
-    .await
-    .unwrap();
-    assert!(cluster.wait_for_nodes(nodes, Duration::from_secs(15)).await);
-    // The routing table must list the cluster even with no nodes.
-    let client = Client::new(cluster.url.clone(), Some("t".into()));
-    assert!(
-        common::eventually(Duration::from_secs(10), || async {
-            client
-                .get_json("/v1/clusters")
-                .await
-                .is_ok_and(|v| v["clusters"].as_array().is_some_and(|c| !c.is_empty()))
-        })
-        .await
-    );
-    (cluster, client)
+    common::start_cluster(dir, nodes).await
 }
 
 fn opts() -> SubmitOptions {

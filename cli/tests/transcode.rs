@@ -9,12 +9,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_cli::up::{Cluster, UpConfig};
+use ferry_cli::up::Cluster;
 use ferry_sdk::client::{Client, ClientError};
 use serde_json::{Value, json};
 
@@ -32,27 +32,14 @@ fn package() -> Vec<u8> {
 }
 
 async fn start(dir: &Path) -> (Cluster, Client) {
-    let cluster = Cluster::start(UpConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: dir.join("ferry"),
-        token: "test-token".into(),
-        nodes: 1,
-    })
-    .await
-    .expect("start cluster");
-    assert!(
-        cluster.wait_for_nodes(1, Duration::from_secs(15)).await,
-        "the node attaches"
-    );
-    let client = Client::new(cluster.url.clone(), Some("test-token".into()));
+    let (cluster, client) = common::start_cluster(&dir.join("ferry"), 1).await;
     client.deploy("transcode", package()).await.unwrap();
     (cluster, client)
 }
 
-/// Invokes synchronously. The function reserves a whole node (2000 millicores), and
-/// the order-server counts a node's last heartbeat as in use for up to a heartbeat
-/// after a task ends, so a back-to-back call can get `no_capacity`: the caller owns
-/// sync retries, so retry that for a few seconds.
+/// Invokes synchronously. The function reserves a whole node (2000 millicores), so a
+/// call racing the end of the previous one can get `no_capacity`; the caller owns sync
+/// retries, so retry that for a few seconds.
 async fn call(
     client: &Client,
     body: Vec<u8>,

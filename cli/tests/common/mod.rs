@@ -56,6 +56,37 @@ pub fn component(name: &str, store: &str, token: &str, args: &[&str]) -> Proc {
     Proc::spawn(name, &mut cmd)
 }
 
+/// The in-process `ferry up` cluster on `data_dir` with `nodes` node agents and the
+/// token `test-token`, once its nodes are routable; and a client for it.
+pub async fn start_cluster(
+    data_dir: &std::path::Path,
+    nodes: u32,
+) -> (ferry_cli::up::Cluster, ferry_sdk::client::Client) {
+    let cluster = ferry_cli::up::Cluster::start(ferry_cli::up::UpConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: data_dir.to_path_buf(),
+        token: "test-token".into(),
+        nodes,
+    })
+    .await
+    .expect("start the cluster");
+    assert!(
+        cluster.wait_for_nodes(nodes, Duration::from_secs(15)).await,
+        "{nodes} node(s) attach"
+    );
+    let client = ferry_sdk::client::Client::new(cluster.url.clone(), Some("test-token".into()));
+    // The routing table lists the cluster (even with no nodes) before tasks can be queued.
+    let listed = eventually(Duration::from_secs(10), || async {
+        client
+            .get_json("/v1/clusters")
+            .await
+            .is_ok_and(|v| v["clusters"].as_array().is_some_and(|c| !c.is_empty()))
+    })
+    .await;
+    assert!(listed, "the cluster is routable");
+    (cluster, client)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
