@@ -89,7 +89,7 @@ async fn a_thousand_tasks_survive_kills_and_a_paused_order_server() {
         client.get_json("/v1/nodes").await.is_ok_and(|v| {
             v["nodes"]
                 .as_array()
-                .is_some_and(|n| n.iter().filter(|n| n["state"] == "attached").count() == 3)
+                .is_some_and(|n| n.iter().filter(|n| n["recorded"] == "attached").count() == 3)
         })
     })
     .await;

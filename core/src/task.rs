@@ -346,6 +346,7 @@ mod tests {
             size: 1,
             kind: Kind::Wasm,
             limits: Limits::default(),
+            resources: Default::default(),
             retry: RetryPolicy::default(),
             created_ms: 0,
         };
