@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use ferry_core::config::Env;
 
+pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod components;
@@ -61,6 +62,12 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Tenants and their limits (admin token).
+    #[command(subcommand)]
+    Tenants(admin::TenantsCommand),
+    /// Tenants' API keys (admin token).
+    #[command(subcommand)]
+    Keys(admin::KeysCommand),
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -302,6 +309,8 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Clusters(a) => client::clusters(a, &env).await,
         Command::Run(a) => client::run_local(a).await,
         Command::Bench(b) => bench::run(b, &env).await,
+        Command::Tenants(c) => admin::tenants(c, &env).await,
+        Command::Keys(c) => admin::keys(c, &env).await,
     }
 }
 

@@ -12,6 +12,8 @@ use ferry_core::model::{FunctionRecord, VersionRecord};
 use ferry_core::{Error, ErrorCode, keys};
 use ferry_store::{Revision, Store, StoreError, WatchCache};
 
+use crate::tenancy::shown;
+
 #[derive(Default)]
 struct Snapshot {
     functions: HashMap<String, FunctionRecord>,
@@ -96,7 +98,7 @@ impl Catalog {
             .ok_or_else(|| {
                 Error::new(
                     ErrorCode::FunctionNotFound,
-                    format!("function {name:?} not found"),
+                    format!("function {:?} not found", shown(name)),
                 )
             })
     }
@@ -113,7 +115,7 @@ impl Catalog {
                 if f.latest_version == 0 {
                     return Err(Error::new(
                         ErrorCode::VersionNotFound,
-                        format!("function {name:?} has no versions yet"),
+                        format!("function {:?} has no versions yet", shown(name)),
                     ));
                 }
                 f.latest_version
@@ -129,7 +131,7 @@ impl Catalog {
                 self.function(name).await?;
                 Err(Error::new(
                     ErrorCode::VersionNotFound,
-                    format!("function {name:?} has no version {v}"),
+                    format!("function {:?} has no version {v}", shown(name)),
                 ))
             }
         }

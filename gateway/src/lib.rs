@@ -22,6 +22,7 @@ pub mod error;
 mod metrics;
 mod routing;
 mod tasks;
+mod tenancy;
 
 /// A gateway's settings. (No `Debug`: it holds the token.)
 #[derive(Clone)]
@@ -80,6 +81,7 @@ pub(crate) struct AppState {
     pub cfg: Config,
     pub store: Arc<dyn Store>,
     pub catalog: Arc<catalog::Catalog>,
+    pub directory: Arc<tenancy::Directory>,
     pub router: routing::Router,
     pub blobs: blobs::Blobs,
     pub metrics: metrics::Metrics,
@@ -136,6 +138,7 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         cfg: cfg.clone(),
         store: store.clone(),
         catalog,
+        directory: tenancy::Directory::start(store.clone()).await?,
         router: routing::Router::new(&cfg.token).map_err(|e| GatewayError::BadToken(e.message))?,
         metrics: metrics::Metrics::new(),
     });
