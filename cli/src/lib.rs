@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use ferry_core::config::Env;
 
 pub mod admin;
+pub mod alias;
 pub mod bench;
 pub mod client;
 pub mod components;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Aliases: `ferry alias set transcode prod 3=90 4=10`.
+    #[command(subcommand)]
+    Alias(alias::AliasCommand),
     /// Tenants and their limits (admin token).
     #[command(subcommand)]
     Tenants(admin::TenantsCommand),
@@ -309,6 +313,7 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Clusters(a) => client::clusters(a, &env).await,
         Command::Run(a) => client::run_local(a).await,
         Command::Bench(b) => bench::run(b, &env).await,
+        Command::Alias(c) => alias::run(c, &env).await,
         Command::Tenants(c) => admin::tenants(c, &env).await,
         Command::Keys(c) => admin::keys(c, &env).await,
     }

@@ -74,6 +74,9 @@ async fn tenants_are_isolated_on_every_endpoint() {
     // acme alone owns `secret`, with a version and a task.
     let pkg = common::native_package("secret", "#!/bin/sh\ncat\n", "");
     acme.deploy("secret", pkg).await.unwrap();
+    acme.put_json("/v1/functions/secret/aliases/prod", &json!({"version": 1}))
+        .await
+        .unwrap();
     let task = acme
         .submit("secret", b"{}".to_vec(), &SubmitOptions::default())
         .await
@@ -88,6 +91,8 @@ async fn tenants_are_isolated_on_every_endpoint() {
         ("versions", "/v1/functions/NAME/versions"),
         ("version", "/v1/functions/NAME/versions/1"),
         ("version by number", "/v1/functions/NAME:1/versions"),
+        ("aliases", "/v1/functions/NAME/aliases"),
+        ("alias", "/v1/functions/NAME/aliases/prod"),
     ] {
         let theirs = refusal(
             bravo.get_json(&path.replace("NAME", "secret")).await,
@@ -104,6 +109,7 @@ async fn tenants_are_isolated_on_every_endpoint() {
         "/v1/functions/NAME/invoke",
         "/v1/functions/NAME/tasks",
         "/v1/functions/NAME:1/invoke",
+        "/v1/functions/NAME:prod/invoke",
     ] {
         let theirs = refusal(
             bravo
@@ -120,6 +126,19 @@ async fn tenants_are_isolated_on_every_endpoint() {
         assert_eq!(theirs.0, 404, "{path}: {theirs:?}");
         assert_eq!(theirs, nothing, "{path} must not tell the two apart");
     }
+    let theirs = refusal(
+        bravo
+            .put_json("/v1/functions/secret/aliases/x", &json!({"version": 1}))
+            .await,
+        "secret",
+    );
+    let nothing = refusal(
+        bravo
+            .put_json("/v1/functions/never-was/aliases/x", &json!({"version": 1}))
+            .await,
+        "never-was",
+    );
+    assert_eq!((theirs.0, &theirs), (404, &nothing), "setting an alias");
     // … and so is acme's task.
     let missing = "0000000000000000000000000a";
     let theirs = refusal(bravo.task(&task).await, &task);

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
+use crate::catalog::Qualifier;
 use crate::error::{ApiError, ApiResult};
 use crate::tenancy::{self, Principal};
 
@@ -38,6 +39,13 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/functions/{name}/versions/{version}", get(get_version))
         .route("/v1/functions/{name}/invoke", post(invoke))
+        .route("/v1/functions/{name}/aliases", get(crate::aliases::list))
+        .route(
+            "/v1/functions/{name}/aliases/{alias}",
+            get(crate::aliases::get)
+                .put(crate::aliases::set)
+                .delete(crate::aliases::delete),
+        )
         .route("/v1/functions/{name}/tasks", post(crate::tasks::submit))
         .route("/v1/tasks", get(crate::tasks::list))
         .route("/v1/tasks/{id}", get(crate::tasks::get))
@@ -260,7 +268,7 @@ fn function_json(who: &Principal, f: &FunctionRecord) -> serde_json::Value {
 }
 
 /// A version as its caller sees it (under the name the caller knows).
-fn version_json(who: &Principal, v: &VersionRecord) -> serde_json::Value {
+pub(crate) fn version_json(who: &Principal, v: &VersionRecord) -> serde_json::Value {
     let mut j = serde_json::to_value(v).unwrap_or_default();
     j["name"] = json!(who.external(&v.name));
     j
@@ -506,17 +514,11 @@ struct InvokeQuery {
     version: Option<u32>,
 }
 
-/// `name` or `name:VERSION`.
-pub(crate) fn split_qualifier(name: &str) -> ApiResult<(&str, Option<u32>)> {
+/// `name`, `name:VERSION` or `name:ALIAS`.
+pub(crate) fn split_qualifier(name: &str) -> (&str, Qualifier) {
     match name.split_once(':') {
-        None => Ok((name, None)),
-        Some((n, q)) => match q.parse::<u32>() {
-            Ok(v) => Ok((n, Some(v))),
-            Err(_) => Err(ApiError::new(
-                ErrorCode::VersionNotFound,
-                format!("qualifier {q:?} is not a version number"),
-            )),
-        },
+        None => (name, Qualifier::Latest),
+        Some((n, q)) => (n, Qualifier::parse(Some(q))),
     }
 }
 
@@ -530,10 +532,11 @@ async fn invoke(
     body: Body,
 ) -> ApiResult<Response> {
     let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let (shown_name, qualified) = split_qualifier(&name)?;
+    let (shown_name, qualified) = split_qualifier(&name);
+    let qualified = q.version.map_or(qualified, Qualifier::Version);
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
-    let version = st.catalog.version(fname, q.version.or(qualified)).await?;
+    let (version, alias) = st.catalog.resolve(fname, &qualified).await?;
     let input = read_body(&headers, body, who.max_body(st.cfg.max_body)).await?;
     if is_json(&headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
@@ -603,6 +606,9 @@ async fn invoke(
         HeaderValue::from_str(shown_name).unwrap_or(HeaderValue::from_static("?")),
     );
     h.insert("x-ferry-version", HeaderValue::from(version.version));
+    if let Some(v) = alias.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        h.insert("x-ferry-alias", v);
+    }
     h.insert("x-ferry-duration-us", HeaderValue::from(reply.duration_us));
     h.insert(
         "x-ferry-cold",
@@ -695,15 +701,12 @@ mod tests {
 
     #[test]
     fn qualifiers() {
+        assert_eq!(split_qualifier("hello"), ("hello", Qualifier::Latest));
+        assert_eq!(split_qualifier("hello:3"), ("hello", Qualifier::Version(3)));
         assert_eq!(
-            split_qualifier("hello").unwrap_or(("x", None)),
-            ("hello", None)
+            split_qualifier("hello:prod"),
+            ("hello", Qualifier::Alias("prod".into()))
         );
-        assert_eq!(
-            split_qualifier("hello:3").unwrap_or(("x", None)),
-            ("hello", Some(3))
-        );
-        assert!(split_qualifier("hello:prod").is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use ferry_core::model::{GatewayRecord, RoutingTable};
 use ferry_store::{LeaseKeeper, Store, StoreError, WatchCache};
 use tracing::{info, warn};
 
+mod aliases;
 mod api;
 pub mod blobs;
 mod catalog;

@@ -89,10 +89,10 @@ pub async fn submit(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let (shown_name, qualified) = split_qualifier(&name)?;
+    let (shown_name, qualified) = split_qualifier(&name);
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
-    let version = st.catalog.version(fname, qualified).await?;
+    let (version, _alias) = st.catalog.resolve(fname, &qualified).await?;
     let input = read_body(&headers, body, who.max_body(MAX_TASK_INPUT)).await?;
     if is_json(&headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
@@ -159,7 +159,7 @@ pub async fn submit(
         ));
     let Some(key) = idempotency_key else {
         st.store.txn(base).await?;
-        return Ok(accepted(&task.id, false));
+        return Ok(accepted(&task.id, Some(task.version.version), false));
     };
     // The key, the task and its queue entry commit together, or not at all.
     let ikey = keys::idempotency("tasks", &format!("{fname}/{key}"));
@@ -182,7 +182,7 @@ pub async fn submit(
                                 "this Idempotency-Key was already used with a different body",
                             ));
                         }
-                        return Ok(accepted(&e.task_id, true));
+                        return Ok(accepted(&e.task_id, None, true));
                     }
                     // Expired: the key may be reused.
                     _ => Compare::mod_revision(&ikey, kv.mod_revision),
@@ -196,7 +196,7 @@ pub async fn submit(
             failure: vec![],
         };
         if st.store.txn(txn).await?.succeeded {
-            return Ok(accepted(&task.id, false));
+            return Ok(accepted(&task.id, Some(task.version.version), false));
         }
     }
     Err(ApiError::new(
@@ -205,13 +205,19 @@ pub async fn submit(
     ))
 }
 
-fn accepted(task_id: &str, replayed: bool) -> Response {
+/// The 202 of a submission; `version` is the version the task runs (known here unless
+/// this is a replay of an earlier submission).
+fn accepted(task_id: &str, version: Option<u32>, replayed: bool) -> Response {
     let url = format!("/v1/tasks/{task_id}");
-    let mut r = (
-        StatusCode::ACCEPTED,
-        Json(json!({ "task_id": task_id, "status_url": url, "idempotent_replay": replayed })),
-    )
-        .into_response();
+    let mut body = json!({ "task_id": task_id, "status_url": url, "idempotent_replay": replayed });
+    if let Some(v) = version {
+        body["version"] = json!(v);
+    }
+    let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Some(v) = version {
+        r.headers_mut()
+            .insert("x-ferry-version", HeaderValue::from(v));
+    }
     if let Ok(v) = HeaderValue::from_str(&url) {
         r.headers_mut().insert(header::LOCATION, v);
     }
