@@ -114,8 +114,11 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
         } else {
             tracing::debug!(request_id = %id, %method, %route, code = %err.code, message = %err.message, "request refused");
         }
-        let status = resp.status();
-        resp = (status, Json(err.to_json(&id))).into_response();
+        // The body gains the request id; the headers (Retry-After, X-Ferry-Version…) stay.
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = serde_json::to_vec(&err.to_json(&id)).unwrap_or_default();
+        resp = Response::from_parts(parts, Body::from(body));
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -537,6 +540,13 @@ async fn invoke(
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
     let (version, alias) = st.catalog.resolve(fname, &qualified).await?;
+    if let Err(t) = st.limiter.admit(&who, fname) {
+        return Ok(throttled(&st, t));
+    }
+    let _in_flight = match st.limiter.enter(&who, fname) {
+        Ok(guard) => guard,
+        Err(t) => return Ok(throttled(&st, t)),
+    };
     let input = read_body(&headers, body, who.max_body(st.cfg.max_body)).await?;
     if is_json(&headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
@@ -624,6 +634,21 @@ async fn invoke(
         h.insert("x-ferry-log-tail", v);
     }
     Ok(resp)
+}
+
+/// A 429 with `Retry-After` (seconds) and `X-Ferry-Limit` (which limit), counted.
+pub(crate) fn throttled(st: &AppState, t: crate::limits::Throttled) -> Response {
+    let (err, reason, secs) = t.into_api_error();
+    st.metrics
+        .rejections
+        .with_label_values(&[reason.as_str()])
+        .inc();
+    let mut r = err.into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r.headers_mut()
+        .insert("x-ferry-limit", HeaderValue::from_static(reason.as_str()));
+    r
 }
 
 fn looks_like_json(b: &[u8]) -> bool {

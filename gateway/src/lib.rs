@@ -20,6 +20,7 @@ mod api;
 pub mod blobs;
 mod catalog;
 pub mod error;
+mod limits;
 mod metrics;
 mod routing;
 mod tasks;
@@ -83,6 +84,7 @@ pub(crate) struct AppState {
     pub store: Arc<dyn Store>,
     pub catalog: Arc<catalog::Catalog>,
     pub directory: Arc<tenancy::Directory>,
+    pub limiter: Arc<limits::Limiter>,
     pub router: routing::Router,
     pub blobs: blobs::Blobs,
     pub metrics: metrics::Metrics,
@@ -140,6 +142,7 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         store: store.clone(),
         catalog,
         directory: tenancy::Directory::start(store.clone()).await?,
+        limiter: Arc::default(),
         router: routing::Router::new(&cfg.token).map_err(|e| GatewayError::BadToken(e.message))?,
         metrics: metrics::Metrics::new(),
     });

@@ -93,6 +93,9 @@ pub async fn submit(
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
     let (version, _alias) = st.catalog.resolve(fname, &qualified).await?;
+    if let Err(t) = st.limiter.admit(&who, fname) {
+        return Ok(crate::api::throttled(&st, t));
+    }
     let input = read_body(&headers, body, who.max_body(MAX_TASK_INPUT)).await?;
     if is_json(&headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
