@@ -27,8 +27,10 @@ use std::time::{Duration, Instant};
 
 use ferry_core::package::{Kind, Limits};
 use ferry_core::{Error, ErrorCode};
+pub use progress::Progress;
 
 pub mod native;
+pub mod progress;
 mod tail;
 mod wasm;
 
@@ -71,6 +73,10 @@ pub struct Request {
     pub function: String,
     pub version: u32,
     pub request_id: String,
+    /// Where a native function's progress reports go while it runs (see [`progress`]
+    /// for the stderr line format); `None`: they are parsed and dropped. Never part of
+    /// the log tail either way.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
 }
 
 /// How an invocation ended.

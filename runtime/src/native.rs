@@ -11,7 +11,9 @@
 //! * **I/O**: the input is written to stdin (concurrently with reading stdout, then
 //!   closed); stdout is the output, at most `max_output_bytes` (more: the process
 //!   group is killed and the outcome is `Failed`); the last `log_tail_bytes` of stderr
-//!   are the log tail.
+//!   are the log tail, except progress lines (`ferry-progress: <percent> <text>`),
+//!   which are parsed as they arrive and sent to [`Request::progress`] (see
+//!   [`crate::progress`]).
 //! * **processes**: the entrypoint leads its own process group. On timeout the whole
 //!   group gets SIGKILL (background children included) and the outcome is `TimedOut`;
 //!   when the entrypoint exits, whatever it left running in its group is killed too.
@@ -37,6 +39,7 @@ use ferry_core::{Error, ErrorCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use crate::progress::Splitter;
 use crate::tail::{Tail, last_line};
 use crate::{Config, Invocation, Outcome, Request, RuntimeError};
 
@@ -207,16 +210,18 @@ async fn read_capped(mut r: impl AsyncRead + Unpin, cap: usize, pgid: u32) -> (V
     }
 }
 
-async fn read_tail(mut r: impl AsyncRead + Unpin, tail: &Mutex<Tail>) {
+/// Reads stderr to its end: progress lines to the channel, the rest to the tail.
+async fn read_stderr(mut r: impl AsyncRead + Unpin, tail: &Mutex<Tail>, mut split: Splitter) {
     let mut chunk = vec![0u8; 16 * 1024];
     while let Ok(n) = r.read(&mut chunk).await {
         if n == 0 {
             break;
         }
-        tail.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(&chunk[..n]);
+        let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
+        split.push(&chunk[..n], &mut t, Instant::now());
     }
+    let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
+    split.finish(&mut t, Instant::now());
 }
 
 /// Runs one invocation of a native function. Never fails: problems are outcomes.
@@ -297,7 +302,7 @@ pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> I
         };
         let read_err = async {
             if let Some(r) = stderr {
-                read_tail(r, &tail).await;
+                read_stderr(r, &tail, Splitter::new(req.progress.clone())).await;
             }
         };
         let (status, (out, overflow), (), ()) = tokio::join!(wait, read_out, read_err, write);

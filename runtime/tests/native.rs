@@ -373,3 +373,45 @@ async fn an_abandoned_invocation_still_cleans_up() {
     );
     assert!(scratch_entries(&dir).is_empty());
 }
+
+#[tokio::test]
+async fn progress_lines_arrive_while_the_process_runs_and_stay_out_of_the_log() {
+    // The script reports 50%, then waits for the test to create a file (so the report
+    // must have arrived while it still ran), then reports 100% and ends.
+    let script = "#!/bin/sh\n\
+        go=$(cat)\n\
+        echo 'starting' >&2\n\
+        echo 'ferry-progress: 50.5 fps=118.3 speed=3.9x' >&2\n\
+        i=0\n\
+        while [ ! -e \"$go\" ]; do i=$((i+1)); [ $i -gt 3000 ] && exit 9; sleep 0.01; done\n\
+        echo 'ferry-progress: not-a-number' >&2\n\
+        echo 'ferry-progress: 100 done' >&2\n\
+        echo 'finished' >&2\n\
+        echo ok\n";
+    let (dir, rt, sha) = prepared(script);
+    let go = dir.path().join("go");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut req = request(go.display().to_string().as_bytes(), limits(64, 60_000));
+    req.progress = Some(tx);
+    let running = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.invoke(&sha, req).await }
+    });
+    let first = rx.recv().await.expect("a progress report while running");
+    assert_eq!(first.percent, 50.5);
+    assert_eq!(first.message, "fps=118.3 speed=3.9x");
+    assert!(!running.is_finished(), "the report came before the end");
+    std::fs::write(&go, b"").unwrap();
+    let inv = running.await.unwrap().unwrap();
+    assert_eq!(inv.outcome, Outcome::Succeeded(b"ok\n".to_vec()));
+    let last = rx.recv().await.expect("the final report");
+    assert_eq!((last.percent, last.message.as_str()), (100.0, "done"));
+    assert!(
+        rx.recv().await.is_none(),
+        "nothing else, and the sender is dropped"
+    );
+    assert_eq!(
+        inv.log_tail, "starting\nferry-progress: not-a-number\nfinished\n",
+        "progress lines are not in the log tail; malformed ones are"
+    );
+}

@@ -297,6 +297,10 @@ pub fn quality_args(
         "-nostats",
         "-v",
         "info",
+        "-progress",
+        "pipe:1",
+        "-stats_period",
+        "1",
     ]
     .map(s)
     .into();
@@ -400,13 +404,23 @@ pub fn parse_quality(stderr: &str) -> BTreeMap<String, Quality> {
     out
 }
 
-/// Follows ffmpeg's `-progress` key=value stream; yields (percent, fps) at the end of
-/// each block.
+/// One `-progress` block of ffmpeg: how far (0-100 of this run), frames per second
+/// and speed (`3.9x`, as ffmpeg prints it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tick {
+    pub percent: f64,
+    pub fps: f64,
+    pub speed: String,
+}
+
+/// Follows ffmpeg's `-progress` key=value stream; yields a [`Tick`] at the end of each
+/// block.
 #[derive(Debug)]
 pub struct Progress {
     duration_us: f64,
     out_time_us: Option<f64>,
     fps: Option<f64>,
+    speed: Option<String>,
 }
 
 impl Progress {
@@ -415,10 +429,11 @@ impl Progress {
             duration_us: duration_s * 1e6,
             out_time_us: None,
             fps: None,
+            speed: None,
         }
     }
 
-    pub fn line(&mut self, line: &str) -> Option<(f64, f64)> {
+    pub fn line(&mut self, line: &str) -> Option<Tick> {
         let (k, v) = line.trim().split_once('=')?;
         match k {
             "out_time_us" | "out_time_ms" => {
@@ -431,24 +446,50 @@ impl Progress {
                 self.fps = v.parse().ok();
                 None
             }
+            "speed" => {
+                let v = v.trim();
+                self.speed = (v != "N/A" && !v.is_empty()).then(|| v.to_string());
+                None
+            }
             "progress" => {
-                let pct = if v == "end" {
+                let percent = if v == "end" {
                     100.0
                 } else if self.duration_us > 0.0 {
                     (self.out_time_us.unwrap_or(0.0) / self.duration_us * 100.0).min(99.9)
                 } else {
                     0.0
                 };
-                Some((pct, self.fps.unwrap_or(0.0)))
+                Some(Tick {
+                    percent,
+                    fps: self.fps.unwrap_or(0.0),
+                    speed: self.speed.clone().unwrap_or_else(|| "N/A".into()),
+                })
             }
             _ => None,
         }
     }
 }
 
-/// The line printed to stderr for each progress block.
-pub fn progress_line(percent: f64, fps: f64) -> String {
-    format!("progress percent={percent:.1} fps={fps:.1}")
+/// Where a step's own 0-100 falls in the whole invocation's 0-100.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span {
+    pub from: f64,
+    pub to: f64,
+}
+
+impl Span {
+    pub fn at(self, step_percent: f64) -> f64 {
+        self.from + (self.to - self.from) * step_percent.clamp(0.0, 100.0) / 100.0
+    }
+}
+
+/// The progress line the platform reads from stderr (the runtime's contract:
+/// `ferry-progress: <percent> <free text>`).
+pub fn progress_line(percent: f64, step: &str, tick: &Tick) -> String {
+    format!(
+        "ferry-progress: {percent:.1} step={step} fps={:.1} speed={}",
+        tick.fps, tick.speed
+    )
 }
 
 /// A readable reason from ffmpeg's stderr: its last few lines on one line, without the
@@ -710,17 +751,21 @@ Stream mapping: ...
     fn progress_blocks_become_percentages() {
         let mut p = Progress::new(4.0);
         let mut seen = vec![];
-        for l in "frame=30\nfps=31.5\nout_time_us=N/A\nprogress=continue\nframe=60\nfps=31.5\nout_time_us=1680000\nout_time_ms=1680000\nprogress=continue\nfps=30.0\nprogress=end\n".lines() {
-            if let Some(x) = p.line(l) {
-                seen.push(progress_line(x.0, x.1));
+        let whole = Span {
+            from: 10.0,
+            to: 60.0,
+        };
+        for l in "frame=30\nfps=31.5\nout_time_us=N/A\nspeed=N/A\nprogress=continue\nframe=60\nfps=31.5\nout_time_us=1680000\nout_time_ms=1680000\nspeed=1.26x\nprogress=continue\nfps=30.0\nprogress=end\n".lines() {
+            if let Some(t) = p.line(l) {
+                seen.push(progress_line(whole.at(t.percent), "ladder", &t));
             }
         }
         assert_eq!(
             seen,
             vec![
-                "progress percent=0.0 fps=31.5",
-                "progress percent=42.0 fps=31.5",
-                "progress percent=100.0 fps=30.0"
+                "ferry-progress: 10.0 step=ladder fps=31.5 speed=N/A",
+                "ferry-progress: 31.0 step=ladder fps=31.5 speed=1.26x",
+                "ferry-progress: 60.0 step=ladder fps=30.0 speed=1.26x"
             ]
         );
     }

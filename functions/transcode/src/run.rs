@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use crate::ffmpeg::{self, Progress, Settings};
+use crate::ffmpeg::{self, Progress, Settings, Span, Tick};
 use crate::ladder::{self, Planned};
 use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
 use crate::probe::{self, Source};
@@ -73,8 +73,9 @@ fn capture(args: &[String]) -> anyhow::Result<Ran> {
     })
 }
 
-/// Runs an encode with `-progress pipe:1`, printing progress lines to stderr.
-fn encode(args: &[String], duration_s: f64) -> anyhow::Result<Ran> {
+/// Runs an ffmpeg with `-progress pipe:1`, printing `ferry-progress:` lines to stderr
+/// (its own 0-100 placed within `span` of the whole invocation).
+fn encode(args: &[String], duration_s: f64, span: Span, step: &str) -> anyhow::Result<Ran> {
     let mut child = command(args)?
         .spawn()
         .map_err(|e| spawn_error(&args[0], e))?;
@@ -83,8 +84,8 @@ fn encode(args: &[String], duration_s: f64) -> anyhow::Result<Ran> {
         let mut p = Progress::new(duration_s);
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if let Some((pct, fps)) = p.line(&line) {
-                eprintln!("{}", ffmpeg::progress_line(pct, fps));
+            if let Some(t) = p.line(&line) {
+                eprintln!("{}", ffmpeg::progress_line(span.at(t.percent), step, &t));
             }
         }
     }
@@ -96,6 +97,32 @@ fn encode(args: &[String], duration_s: f64) -> anyhow::Result<Ran> {
         stdout: vec![],
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
+}
+
+/// A progress line between steps (no ffmpeg running).
+fn mark(percent: f64, step: &str) {
+    let t = Tick {
+        percent,
+        fps: 0.0,
+        speed: "N/A".into(),
+    };
+    eprintln!("{}", ffmpeg::progress_line(percent, step, &t));
+}
+
+/// How the invocation's 0-100 is shared: the encode dominates; the quality pass
+/// decodes everything once more.
+fn spans(job: &Job) -> (Span, Span) {
+    let end_of_encode = if job.quality { 85.0 } else { 97.0 };
+    (
+        Span {
+            from: 0.0,
+            to: end_of_encode,
+        },
+        Span {
+            from: 88.0,
+            to: 99.0,
+        },
+    )
 }
 
 fn reason(r: &Ran) -> String {
@@ -242,7 +269,9 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let ran = encode(&args, source.duration_s)?;
+    let (encode_span, quality_span) = spans(job);
+    mark(0.0, "ladder");
+    let ran = encode(&args, source.duration_s, encode_span, "ladder")?;
     timings.ladder = ms(t);
 
     let mut encoded: Vec<(Planned, &'static str, Option<String>)> = vec![];
@@ -259,11 +288,16 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
             remove(&ffmpeg::rendition_path(dir, &r.name));
         }
         let t = Instant::now();
-        for r in &plan.rungs {
+        let n = plan.rungs.len() as f64;
+        for (i, r) in plan.rungs.iter().enumerate() {
             let args = ffmpeg::ladder_args(&set, std::slice::from_ref(r), dir);
             let line = ffmpeg::shell_line(&args);
             eprintln!("transcode: {} alone", r.name);
-            let ran = encode(&args, source.duration_s)?;
+            let span = Span {
+                from: encode_span.at(i as f64 / n * 100.0),
+                to: encode_span.at((i + 1) as f64 / n * 100.0),
+            };
+            let ran = encode(&args, source.duration_s, span, &format!("alone:{}", r.name))?;
             if ran.ok {
                 encoded.push((r.clone(), "alone", Some(line)));
             } else {
@@ -299,6 +333,7 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
 
     let t = Instant::now();
     let (cover, cover_error) = if job.cover {
+        mark(encode_span.to + 1.0, "cover");
         match make_cover(&set, &source, dir) {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(format!("{e:#}"))),
@@ -310,7 +345,8 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
 
     let t = Instant::now();
     let (quality, quality_error) = if job.quality {
-        match measure(&set, &source, &delivered) {
+        mark(quality_span.from, "quality");
+        match measure(&set, &source, &delivered, quality_span) {
             Ok(q) => (Some(q), None),
             Err(e) => (None, Some(format!("{e:#}"))),
         }
@@ -338,6 +374,7 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     let json = serde_json::to_vec_pretty(&m)?;
     std::fs::write(dir.join("manifest.json"), json)
         .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("manifest.json").display()))?;
+    mark(100.0, "done");
     Ok(m)
 }
 
@@ -369,12 +406,18 @@ fn measure(
     set: &Settings,
     source: &Source,
     delivered: &[Delivered],
+    span: Span,
 ) -> anyhow::Result<BTreeMap<String, ffmpeg::Quality>> {
     let list: Vec<(String, PathBuf)> = delivered
         .iter()
         .map(|d| (d.rung.name.clone(), d.path.clone()))
         .collect();
-    let ran = capture(&ffmpeg::quality_args(set, source, &list))?;
+    let ran = encode(
+        &ffmpeg::quality_args(set, source, &list),
+        source.duration_s,
+        span,
+        "quality",
+    )?;
     if !ran.ok {
         bail!("quality check failed: {}", reason(&ran));
     }

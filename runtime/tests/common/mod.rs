@@ -82,6 +82,7 @@ pub fn request(input: &[u8], limits: Limits) -> Request {
         function: "test-fn".into(),
         version: 7,
         request_id: format!("req-{}", ferry_core::id::new_id()),
+        progress: None,
     }
 }
 
