@@ -299,6 +299,135 @@ fn check_cover(m: &Value, w: u64, h: u64) {
     );
 }
 
+/// The HLS output: the master playlist lists exactly `expect` (in order) with the
+/// renditions' facts, each media playlist cuts at the 2 s keyframes, every variant
+/// decodes cleanly to the source's frame count, and the master plays as a whole.
+fn check_hls(m: &Value, src: &Src, expect: &[&str]) {
+    let master = PathBuf::from(m["hls"]["path"].as_str().unwrap());
+    assert!(master.ends_with("hls/master.m3u8"), "{}", master.display());
+    let text = std::fs::read_to_string(&master).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "#EXTM3U");
+    let mut listed = vec![];
+    for (i, l) in lines.iter().enumerate() {
+        let Some(attrs) = l.strip_prefix("#EXT-X-STREAM-INF:") else {
+            continue;
+        };
+        let uri = lines[i + 1];
+        let name = uri.strip_suffix("/index.m3u8").unwrap();
+        let r = m["renditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is listed but was not delivered"));
+        let attr = |k: &str| {
+            let start = attrs.find(&format!("{k}=")).unwrap() + k.len() + 1;
+            let rest = &attrs[start..];
+            if let Some(q) = rest.strip_prefix('"') {
+                q[..q.find('"').unwrap()].to_string()
+            } else {
+                rest.split(',').next().unwrap().to_string()
+            }
+        };
+        assert_eq!(
+            attr("RESOLUTION"),
+            format!("{}x{}", r["width"], r["height"]),
+            "{name}"
+        );
+        let codecs = attr("CODECS");
+        assert!(
+            codecs.starts_with("hvc1.1.6.L") && codecs.ends_with(".B0,mp4a.40.2"),
+            "{name}: {codecs}"
+        );
+        // The MP4's level, in the codec string.
+        assert!(
+            codecs.contains(&format!(".L{}.", r["level"])),
+            "{name}: {codecs}"
+        );
+        let avg: f64 = attr("AVERAGE-BANDWIDTH").parse().unwrap();
+        let peak: f64 = attr("BANDWIDTH").parse().unwrap();
+        let mp4 = r["total_bitrate_bps"].as_f64().unwrap();
+        assert!(
+            (avg - mp4).abs() <= 0.1 * mp4,
+            "{name}: average bandwidth {avg} vs the MP4's {mp4}"
+        );
+        assert!(peak >= avg, "{name}: peak {peak} < average {avg}");
+
+        // The media playlist: 2 s segments (the last may be shorter), the whole duration.
+        let media = master.parent().unwrap().join(uri);
+        let mtext = std::fs::read_to_string(&media).unwrap();
+        assert!(mtext.contains("#EXT-X-TARGETDURATION:2\n"), "{mtext}");
+        assert!(mtext.contains("#EXT-X-MAP:URI=\"init.mp4\""), "{mtext}");
+        assert!(mtext.trim_end().ends_with("#EXT-X-ENDLIST"), "{mtext}");
+        let durs: Vec<f64> = mtext
+            .lines()
+            .filter_map(|l| l.strip_prefix("#EXTINF:"))
+            .map(|d| d.trim_end_matches(',').parse().unwrap())
+            .collect();
+        let want = (src.duration / 2.0).ceil() as usize;
+        assert_eq!(durs.len(), want, "{name}: segments {durs:?}");
+        for d in &durs[..durs.len() - 1] {
+            assert!((d - 2.0).abs() < 1e-3, "{name}: segments {durs:?}");
+        }
+        let total: f64 = durs.iter().sum();
+        assert!(
+            (total - src.duration).abs() <= 1.0 / src.fps + 1e-3,
+            "{name}: {total} s of segments"
+        );
+        // Every segment starts with a keyframe: keyframes 2 s apart from the first.
+        let keys = keyframes(&media);
+        let rel: Vec<f64> = keys
+            .iter()
+            .map(|k| ((k - keys[0]) * 1000.0).round() / 1000.0)
+            .collect();
+        let want: Vec<f64> = (0..want).map(|k| k as f64 * 2.0).collect();
+        assert_eq!(rel, want, "{name}: keyframes in the HLS variant");
+        let v = video(&media);
+        assert_eq!(num(&v["nb_read_frames"]) as u64, src.frames, "{name}");
+        listed.push(name.to_string());
+    }
+    assert_eq!(
+        listed, expect,
+        "the master lists exactly the delivered rungs"
+    );
+    let variants: Vec<&str> = m["hls"]["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(variants, expect);
+    assert_eq!(m["hls"]["failed"], json!([]));
+    // The master playlist as a player opens it: every variant, decoded, no errors.
+    let (_, errors) = run(Command::new("ffmpeg").args([
+        "-v",
+        "error",
+        "-i",
+        master.to_str().unwrap(),
+        "-map",
+        "0",
+        "-f",
+        "null",
+        "-",
+    ]));
+    assert_eq!(errors, "", "decoding the master playlist");
+    let (o, _) = run(Command::new("ffprobe").args([
+        "-v",
+        "error",
+        "-show_entries",
+        "program=program_id",
+        "-of",
+        "csv=p=0",
+        master.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        o.lines().filter(|l| !l.trim().is_empty()).count(),
+        expect.len(),
+        "one program per variant: {o}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h265_ladder_from_one_decode_passes_every_check() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,7 +439,7 @@ async fn h265_ladder_from_one_decode_passes_every_check() {
 
     let m = invoke(
         &client,
-        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast"}),
+        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast", "hls": true}),
     )
     .await;
     assert_eq!(names(&m["renditions"]), vec!["480p", "720p", "1080p"]);
@@ -336,6 +465,7 @@ async fn h265_ladder_from_one_decode_passes_every_check() {
         "same keyframes in every rung"
     );
     check_cover(&m, 1920, 1080);
+    check_hls(&m, &src, &["480p", "720p", "1080p"]);
     let on_disk: Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(
@@ -385,7 +515,7 @@ async fn a_failing_rung_is_retried_alone_and_the_others_are_delivered() {
     let m = invoke(
         &client,
         json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
-               "fail_rung": "720p"}),
+               "fail_rung": "720p", "hls": true}),
     )
     .await;
     assert!(
@@ -417,6 +547,11 @@ async fn a_failing_rung_is_retried_alone_and_the_others_are_delivered() {
     let keys = check_rendition(&m["renditions"][0], &src, "h265", 854, 480, 800.0);
     assert_eq!(keys, vec![0.0, 2.0, 4.0]);
     check_cover(&m, 1280, 720);
+    check_hls(&m, &src, &["480p"]);
+    assert!(
+        !out.join("hls/720p").exists(),
+        "nothing packaged for the failed rung"
+    );
     cluster.shutdown().await;
 }
 

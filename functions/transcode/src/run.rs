@@ -12,6 +12,7 @@ use anyhow::{Context, anyhow, bail};
 use sha2::{Digest, Sha256};
 
 use crate::ffmpeg::{self, Progress, Settings, Span, Tick};
+use crate::hls;
 use crate::ladder::{self, Planned};
 use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
 use crate::probe::{self, Source};
@@ -332,6 +333,18 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     }
 
     let t = Instant::now();
+    let (hls, hls_error) = if job.hls {
+        mark(encode_span.to, "hls");
+        match package_hls(job, &source, dir, &delivered) {
+            Ok(h) => (Some(h), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
+    } else {
+        (None, None)
+    };
+    timings.hls = ms(t);
+
+    let t = Instant::now();
     let (cover, cover_error) = if job.cover {
         mark(encode_span.to + 1.0, "cover");
         match make_cover(&set, &source, dir) {
@@ -367,6 +380,8 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
         quality_error,
         cover,
         cover_error,
+        hls,
+        hls_error,
         ffmpeg_command,
         ladder_error,
         timings,
@@ -376,6 +391,116 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
         .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("manifest.json").display()))?;
     mark(100.0, "done");
     Ok(m)
+}
+
+/// Packages every delivered rendition as HLS and writes the master playlist listing
+/// those that were packaged. Fails only when none could be.
+fn package_hls(
+    job: &Job,
+    source: &Source,
+    dir: &Path,
+    delivered: &[Delivered],
+) -> anyhow::Result<hls::Hls> {
+    let root = dir.join(hls::DIR);
+    let master_path = root.join(hls::MASTER);
+    remove(&master_path);
+    // Folders of this job's rungs are replaced; a failed rung's old files go too.
+    for r in &job.ladder {
+        let _ = std::fs::remove_dir_all(hls::rung_dir(dir, &r.name));
+    }
+    let mut variants = vec![];
+    let mut failed = vec![];
+    for d in delivered {
+        match package_rung(job, source, dir, d) {
+            Ok(v) => variants.push(v),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                eprintln!(
+                    "transcode: HLS packaging of {} failed: {reason}",
+                    d.rung.name
+                );
+                let _ = std::fs::remove_dir_all(hls::rung_dir(dir, &d.rung.name));
+                failed.push(hls::Unpackaged {
+                    name: d.rung.name.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    if variants.is_empty() {
+        let why: Vec<String> = failed
+            .iter()
+            .map(|f| format!("{}: {}", f.name, f.reason))
+            .collect();
+        bail!("no rendition could be packaged as HLS: {}", why.join("; "));
+    }
+    std::fs::write(&master_path, hls::master(&variants))
+        .with_context(|| format!("write {}", master_path.display()))?;
+    Ok(hls::Hls {
+        master: format!("{}/{}", hls::DIR, hls::MASTER),
+        url: manifest::file_url(&master_path),
+        path: master_path.display().to_string(),
+        variants,
+        failed,
+    })
+}
+
+fn package_rung(
+    job: &Job,
+    source: &Source,
+    dir: &Path,
+    d: &Delivered,
+) -> anyhow::Result<hls::Variant> {
+    let name = &d.rung.name;
+    let codecs = hls::codecs(&d.facts).ok_or_else(|| {
+        anyhow!(
+            "no codec string for {} {} level {:?}",
+            d.facts.codec,
+            d.facts.profile,
+            d.facts.level
+        )
+    })?;
+    let rung_dir = hls::rung_dir(dir, name);
+    std::fs::create_dir_all(&rung_dir).with_context(|| format!("create {}", rung_dir.display()))?;
+    let ran = capture(&hls::package_args(
+        &d.path,
+        &rung_dir,
+        job.keyframe_interval_s,
+    ))?;
+    if !ran.ok {
+        bail!("{}", reason(&ran));
+    }
+    let playlist_path = rung_dir.join(hls::MEDIA);
+    let text = std::fs::read_to_string(&playlist_path)
+        .with_context(|| format!("read {}", playlist_path.display()))?;
+    let (segments, init) = hls::media_segments(&text).map_err(|e| anyhow!("{e}"))?;
+    let size = |uri: &str| -> anyhow::Result<u64> {
+        let p = rung_dir.join(uri);
+        Ok(std::fs::metadata(&p)
+            .with_context(|| format!("segment {}", p.display()))?
+            .len())
+    };
+    let mut sized = Vec::with_capacity(segments.len());
+    for s in &segments {
+        sized.push((s.duration_s, size(&s.uri)?));
+    }
+    if let Some(init) = init {
+        size(&init)?;
+    }
+    let (bandwidth, average_bandwidth) = hls::bandwidths(&sized, job.keyframe_interval_s);
+    Ok(hls::Variant {
+        name: name.clone(),
+        playlist: format!("{name}/{}", hls::MEDIA),
+        path: playlist_path.display().to_string(),
+        segments: segments.len(),
+        duration_s: (segments.iter().map(|s| s.duration_s).sum::<f64>() * 1e6).round() / 1e6,
+        bandwidth,
+        average_bandwidth,
+        width: d.facts.width,
+        height: d.facts.height,
+        frame_rate: source.fps,
+        codecs,
+    })
 }
 
 fn make_cover(set: &Settings, source: &Source, dir: &Path) -> anyhow::Result<Cover> {
