@@ -690,6 +690,10 @@ async fn a_small_source_over_http_drops_the_taller_rungs() {
     );
 
     assert_eq!(m["input"], http.as_str());
+    // The node gave this invocation no GPU: the CPU path, and the manifest says why.
+    assert_eq!(m["acceleration"]["path"], "cpu");
+    assert_eq!(m["acceleration"]["encoder"], "libx265");
+    assert_eq!(m["acceleration"]["reason"], "no GPU visible");
     assert_eq!(names(&m["skipped"]), vec!["720p", "1080p"]);
     for s in m["skipped"].as_array().unwrap() {
         assert!(
@@ -776,4 +780,51 @@ async fn bad_input_is_a_function_error_with_a_readable_message() {
     assert!(msg.contains("not valid JSON"), "{msg}");
     assert!(!dir.path().join("out").exists(), "nothing was written");
     cluster.shutdown().await;
+}
+
+/// A GPU named by `CUDA_VISIBLE_DEVICES` that does not work (this machine has none, so
+/// the one-frame NVENC and CUDA-decode probes fail): the function probes, records what
+/// it found, and makes the ladder on the CPU. Runs the function's binary directly,
+/// since the platform does not pass GPU variables yet (the node agent will).
+#[test]
+fn a_visible_gpu_that_does_not_work_leaves_the_cpu_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.mp4");
+    clip(&input, 320, 240, 25, 2);
+    let out = dir.path().join("out");
+    let body = json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
+                      "quality": false, "cover": false,
+                      "ladder": [{"name": "240p", "height": 240, "bitrate_kbps": 300}]});
+    let mut child = Command::new(common::root().join("target/release/transcode"))
+        .current_dir(dir.path())
+        .env("CUDA_VISIBLE_DEVICES", "0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run target/release/transcode (scripts/build-guests.sh)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&body).unwrap())
+        .unwrap();
+    let done = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{log}");
+    let m: Value = serde_json::from_slice(&done.stdout).unwrap();
+    let a = &m["acceleration"];
+    assert_eq!(a["path"], "cpu", "{a}");
+    assert_eq!(a["gpus"], json!(["0"]));
+    assert_eq!(
+        a["found"],
+        json!({"hevc_nvenc": false, "h264_nvenc": false, "cuda_decode": false}),
+        "the probe ran and found nothing usable"
+    );
+    assert!(a["reason"].as_str().unwrap().contains("hevc_nvenc"), "{a}");
+    assert_eq!(names(&m["renditions"]), vec!["240p"]);
+    assert!(
+        !dir.path().join("ferry-gpu-probe.mp4").exists(),
+        "the probe's sample is removed"
+    );
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::gpu::{Accel, Plan, nvenc_preset};
 use crate::ladder::{Planned, even};
 use crate::probe::Source;
 use crate::request::{Codec, Job};
@@ -36,6 +37,10 @@ pub struct Settings {
     pub fail_rung: Option<String>,
     /// x265 worker threads per encoder (ignored in reproducible mode: single-threaded).
     pub pool_threads: usize,
+    /// Where the ladder is decoded/scaled and encoded (see [`crate::gpu`]); the cover
+    /// and quality passes always run on the CPU.
+    pub accel: Accel,
+    pub cuda_decode: bool,
 }
 
 /// Frames between keyframes: the interval times the frame rate, at least 1.
@@ -57,7 +62,16 @@ impl Settings {
             reproducible: job.reproducible,
             fail_rung: job.fail_rung.clone(),
             pool_threads: cores.clamp(1, MAX_X265_POOL),
+            accel: Accel::Cpu,
+            cuda_decode: false,
         }
+    }
+
+    /// These settings on the path a [`Plan`] chose.
+    pub fn on(mut self, plan: &Plan) -> Self {
+        self.accel = plan.path;
+        self.cuda_decode = plan.cuda_decode();
+        self
     }
 }
 
@@ -92,24 +106,36 @@ pub fn ladder_args(set: &Settings, rungs: &[Planned], dir: &Path) -> Vec<String>
         .map(s)
         .into();
     a.extend(["-nostats", "-progress", "pipe:1", "-stats_period", "1"].map(s));
+    if set.cuda_decode {
+        a.extend(["-hwaccel", "cuda", "-hwaccel_output_format", "cuda"].map(s));
+    }
     a.extend(input_args(set));
     if set.reproducible {
         a.extend([s("-filter_complex_threads"), s("1")]);
     }
-    a.extend([s("-filter_complex"), filter_graph(rungs)]);
+    a.extend([s("-filter_complex"), filter_graph(set, rungs)]);
     for (i, r) in rungs.iter().enumerate() {
         a.extend(output_args(set, r, i, &rendition_path(dir, &r.name)));
     }
     a
 }
 
-/// `[0:v:0]split=3[s0][s1][s2];[s0]scale=854:480:…[v0];…`
-pub fn filter_graph(rungs: &[Planned]) -> String {
-    let scale = |r: &Planned| {
-        format!(
+/// `[0:v:0]split=3[s0][s1][s2];[s0]scale=854:480:…[v0];…`. Decoded on the GPU, the
+/// frames are scaled there (`scale_cuda`) and downloaded only for a CPU encoder.
+pub fn filter_graph(set: &Settings, rungs: &[Planned]) -> String {
+    let scale = |r: &Planned| match (set.cuda_decode, set.accel) {
+        (false, _) => format!(
             "scale={}:{}:flags=bicubic,setsar=1,format=yuv420p",
             r.width, r.height
-        )
+        ),
+        (true, Accel::Nvenc) => format!(
+            "scale_cuda={}:{}:interp_algo=bicubic:format=nv12,setsar=1",
+            r.width, r.height
+        ),
+        (true, _) => format!(
+            "scale_cuda={}:{}:interp_algo=bicubic:format=nv12,hwdownload,format=nv12,format=yuv420p,setsar=1",
+            r.width, r.height
+        ),
     };
     if let [only] = rungs {
         return format!("[0:v:0]{}[v0]", scale(only));
@@ -136,8 +162,37 @@ fn output_args(set: &Settings, r: &Planned, i: usize, path: &Path) -> Vec<String
     let forced = set.fail_rung.as_deref() == Some(r.name.as_str());
     let b = r.bitrate_kbps;
     let mut vflags = vec![];
-    match set.codec {
-        Codec::H265 => {
+    match (set.accel, set.codec) {
+        (Accel::Nvenc, codec) => {
+            let (enc, profile, tag) = match codec {
+                Codec::H265 => ("hevc_nvenc", "main", "hvc1"),
+                Codec::H264 => ("h264_nvenc", "high", "avc1"),
+            };
+            let profile = if forced {
+                FORCED_FAILURE_PROFILE
+            } else {
+                profile
+            };
+            a.extend(["-c:v", enc, "-preset", nvenc_preset(&set.preset)].map(s));
+            a.extend(
+                [
+                    "-tune",
+                    "hq",
+                    "-rc",
+                    "vbr",
+                    "-profile:v",
+                    profile,
+                    "-tag:v",
+                    tag,
+                ]
+                .map(s),
+            );
+            // Fixed GOPs of N frames, IDR at every forced keyframe, no scene cuts.
+            a.extend([s("-g"), n.to_string()]);
+            a.extend(["-forced-idr", "1", "-no-scenecut", "1", "-strict_gop", "1"].map(s));
+            vflags.push("+cgop");
+        }
+        (_, Codec::H265) => {
             let profile = if forced {
                 FORCED_FAILURE_PROFILE
             } else {
@@ -165,7 +220,7 @@ fn output_args(set: &Settings, r: &Planned, i: usize, path: &Path) -> Vec<String
                 "keyint={n}:min-keyint={n}:scenecut=0:open-gop=0:log-level=error:{threads}"
             ));
         }
-        Codec::H264 => {
+        (_, Codec::H264) => {
             let profile = if forced {
                 FORCED_FAILURE_PROFILE
             } else {
@@ -591,6 +646,7 @@ mod tests {
         let p = plan(&src, &j.ladder, true);
         let a = ladder_args(&set, &p.rungs, Path::new("/out"));
         assert_eq!(values(&a, "-i"), vec!["/in.mp4"], "one input, decoded once");
+        assert!(!a.contains(&"-hwaccel".to_string()), "the CPU plan");
         assert_eq!(
             values(&a, "-filter_complex"),
             vec![
@@ -655,6 +711,71 @@ mod tests {
         assert_eq!(values(&a, "-filter_complex_threads"), vec!["1"]);
         assert_eq!(values(&a, "-map"), vec!["[v0]", "[v1]"], "no audio to map");
         assert_eq!(a.iter().filter(|x| *x == "-an").count(), 2);
+    }
+
+    fn gpu_plan(path: Accel, decode: &'static str) -> Plan {
+        Plan {
+            path,
+            decode,
+            encoder: "x",
+            gpus: vec!["0".into()],
+            reason: String::new(),
+            found: None,
+            fallback_error: None,
+        }
+    }
+
+    #[test]
+    fn gpu_paths_decode_scale_and_encode_where_the_plan_says() {
+        let src = source(1920, 1080, true);
+        let j = job(r#","preset":"medium""#);
+        let p = plan(&src, &j.ladder, true);
+
+        // NVENC with GPU decode: frames stay on the GPU from decoder to encoder.
+        let set = Settings::new(&j, &src, 2).on(&gpu_plan(Accel::Nvenc, "cuda"));
+        let a = ladder_args(&set, &p.rungs, Path::new("/out"));
+        assert_eq!(values(&a, "-hwaccel"), vec!["cuda"]);
+        assert_eq!(values(&a, "-hwaccel_output_format"), vec!["cuda"]);
+        let g = values(&a, "-filter_complex")[0];
+        assert!(
+            g.contains("[s0]scale_cuda=854:480:interp_algo=bicubic:format=nv12,setsar=1[v0]"),
+            "{g}"
+        );
+        assert!(!g.contains("hwdownload"), "{g}");
+        assert_eq!(values(&a, "-c:v"), vec!["hevc_nvenc"; 3]);
+        assert_eq!(values(&a, "-preset"), vec!["p5"; 3]);
+        assert_eq!(values(&a, "-g"), vec!["50"; 3]);
+        assert_eq!(values(&a, "-forced-idr"), vec!["1"; 3]);
+        assert_eq!(values(&a, "-no-scenecut"), vec!["1"; 3]);
+        assert_eq!(values(&a, "-tag:v"), vec!["hvc1"; 3]);
+        assert_eq!(values(&a, "-b:v"), vec!["800k", "1500k", "3000k"]);
+        assert!(values(&a, "-x265-params").is_empty());
+        assert_eq!(
+            values(&a, "-force_key_frames"),
+            vec!["expr:gte(t,n_forced*2)"; 3]
+        );
+
+        // NVDEC only (H100/H200): GPU decode and scale, download, x265.
+        let set = Settings::new(&j, &src, 2).on(&gpu_plan(Accel::Nvdec, "cuda"));
+        let a = ladder_args(&set, &p.rungs, Path::new("/out"));
+        assert_eq!(values(&a, "-hwaccel"), vec!["cuda"]);
+        let g = values(&a, "-filter_complex")[0];
+        assert!(
+            g.contains("[s2]scale_cuda=1920:1080:interp_algo=bicubic:format=nv12,hwdownload,format=nv12,format=yuv420p,setsar=1[v2]"),
+            "{g}"
+        );
+        assert_eq!(values(&a, "-c:v"), vec!["libx265"; 3]);
+
+        // NVENC fed by the CPU decoder.
+        let set = Settings::new(&j, &src, 2).on(&gpu_plan(Accel::Nvenc, "cpu"));
+        let a = ladder_args(&set, &p.rungs, Path::new("/out"));
+        assert!(values(&a, "-hwaccel").is_empty());
+        assert!(values(&a, "-filter_complex")[0].contains("[s0]scale=854:480:flags=bicubic"));
+        assert_eq!(values(&a, "-c:v"), vec!["hevc_nvenc"; 3]);
+
+        // The cover and quality passes stay on the CPU whatever the plan.
+        let c = cover_args(&set, &src, Path::new("/o/cover.jpg"));
+        assert!(!c.contains(&"-hwaccel".to_string()));
     }
 
     #[test]

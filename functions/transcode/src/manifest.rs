@@ -20,6 +20,8 @@ pub struct Manifest {
     pub reproducible: bool,
     pub keyframe_interval_s: f64,
     pub keyint_frames: u32,
+    /// Where the ladder was decoded, scaled and encoded (CPU, NVDEC, NVENC) and why.
+    pub acceleration: crate::gpu::Plan,
     pub renditions: Vec<Rendition>,
     pub skipped: Vec<Skipped>,
     pub failed: Vec<Failed>,
@@ -130,6 +132,7 @@ pub struct Parts<'a> {
     pub job: &'a Job,
     pub source: Source,
     pub keyint_frames: u32,
+    pub acceleration: crate::gpu::Plan,
     pub skipped: Vec<Skipped>,
     pub delivered: Vec<Delivered>,
     pub failed: Vec<Failed>,
@@ -181,6 +184,7 @@ pub fn assemble(p: Parts<'_>) -> Manifest {
         reproducible: p.job.reproducible,
         keyframe_interval_s: p.job.keyframe_interval_s,
         keyint_frames: p.keyint_frames,
+        acceleration: p.acceleration,
         renditions,
         skipped: p.skipped,
         failed: p.failed,
@@ -253,6 +257,7 @@ mod tests {
             job: &job,
             source,
             keyint_frames: 50,
+            acceleration: crate::gpu::Plan::cpu(job.codec, vec![], "no GPU visible"),
             skipped: vec![Skipped {
                 name: "1080p".into(),
                 height: 1080,
@@ -319,6 +324,8 @@ mod tests {
         assert_eq!(v["ladder_error"], "profile");
         assert!(v.get("quality_error").is_none());
         assert!(v.get("hls").is_none(), "no hls section unless asked");
+        assert_eq!(v["acceleration"]["path"], "cpu");
+        assert_eq!(v["acceleration"]["encoder"], "libx265");
         assert_eq!(r["level"], 90);
     }
 }

@@ -12,11 +12,11 @@ use anyhow::{Context, anyhow, bail};
 use sha2::{Digest, Sha256};
 
 use crate::ffmpeg::{self, Progress, Settings, Span, Tick};
-use crate::hls;
 use crate::ladder::{self, Planned};
 use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
 use crate::probe::{self, Source};
 use crate::request::{Input, Job};
+use crate::{gpu, hls};
 
 /// What a child process left behind.
 struct Ran {
@@ -252,7 +252,20 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow!("cannot create the output directory {}: {e}", dir.display()))?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let set = Settings::new(job, &source, cores);
+    // The platform runs us in a scratch directory: the GPU probe writes its sample there.
+    let scratch = std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir());
+    let mut accel = gpu::plan_for(job.codec, job.reproducible, &source, &scratch);
+    eprintln!(
+        "transcode: {} (decode {}, encoder {}): {}",
+        serde_json::to_value(accel.path)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        accel.decode,
+        accel.encoder,
+        accel.reason
+    );
+    let mut set = Settings::new(job, &source, cores).on(&accel);
 
     // One decode for every rung.
     let t = Instant::now();
@@ -272,7 +285,27 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     );
     let (encode_span, quality_span) = spans(job);
     mark(0.0, "ladder");
-    let ran = encode(&args, source.duration_s, encode_span, "ladder")?;
+    let mut ran = encode(&args, source.duration_s, encode_span, "ladder")?;
+    let mut ffmpeg_command = ffmpeg_command;
+    if !ran.ok && accel.path != gpu::Accel::Cpu {
+        // The GPU path failed (driver, memory, an unusual source): make the ladder on
+        // the CPU instead, and say so.
+        let why = reason(&ran);
+        eprintln!("transcode: the GPU run failed ({why}); encoding on the CPU");
+        for r in &plan.rungs {
+            remove(&ffmpeg::rendition_path(dir, &r.name));
+        }
+        let cpu = gpu::Plan {
+            fallback_error: Some(why),
+            found: accel.found.clone(),
+            ..gpu::Plan::cpu(job.codec, accel.gpus.clone(), "the GPU run failed")
+        };
+        accel = cpu;
+        set = set.on(&accel);
+        let args = ffmpeg::ladder_args(&set, &plan.rungs, dir);
+        ffmpeg_command = ffmpeg::shell_line(&args);
+        ran = encode(&args, source.duration_s, encode_span, "ladder")?;
+    }
     timings.ladder = ms(t);
 
     let mut encoded: Vec<(Planned, &'static str, Option<String>)> = vec![];
@@ -372,6 +405,7 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     let m = manifest::assemble(manifest::Parts {
         job,
         keyint_frames: set.keyint_frames,
+        acceleration: accel,
         source,
         skipped: plan.skipped,
         delivered,
