@@ -10,7 +10,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ferry_core::model::{FunctionRecord, NodeRecord, PackageRecord, VersionRecord};
+use ferry_core::model::{FunctionRecord, PackageRecord, VersionRecord};
 use ferry_core::proto::Outcome;
 use ferry_core::{Error, ErrorCode, keys};
 use ferry_store::{Compare, Op, Txn};
@@ -41,7 +41,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{id}", get(crate::tasks::get))
         .route("/v1/tasks/{id}/cancel", post(crate::tasks::cancel))
         .route("/v1/packages/{sha256}", get(get_package))
-        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes", get(crate::nodes::list))
+        .route("/v1/nodes/{id}/{action}", post(crate::nodes::admin))
         .route("/v1/clusters", get(list_clusters))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -393,6 +394,7 @@ async fn upload_version(
             size: bytes.len() as u64,
             kind: manifest.kind,
             limits: manifest.limits,
+            resources: manifest.resources.clone(),
             retry: manifest.retry,
             created_ms: now,
         };
@@ -604,16 +606,6 @@ async fn get_package(State(st): St, Path(sha): Path<String>) -> ApiResult<Respon
         body,
     )
         .into_response())
-}
-
-async fn list_nodes(State(st): St) -> ApiResult<Json<serde_json::Value>> {
-    let r = st.store.range(keys::NODES).await?;
-    let nodes: Vec<NodeRecord> = r
-        .kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .collect();
-    Ok(Json(json!({ "nodes": nodes })))
 }
 
 async fn list_clusters(State(st): St) -> Json<serde_json::Value> {

@@ -20,6 +20,7 @@ pub mod blobs;
 mod catalog;
 pub mod error;
 mod metrics;
+mod nodes;
 mod routing;
 mod tasks;
 
