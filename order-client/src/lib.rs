@@ -468,6 +468,7 @@ impl Agent {
             function: spec.name.clone(),
             version: spec.version,
             request_id: a.request_id,
+            progress: None,
         };
         match self.inner.runtime.invoke(&spec.package_sha256, req).await {
             Ok(inv) => {
