@@ -93,6 +93,13 @@ pub fn running(cluster: &str, instance: &str, task_id: &str) -> String {
     format!("{RUNNING}{cluster}/{instance}/{task_id}")
 }
 
+/// The latest progress report of a running task (`TaskProgress`), apart from the task
+/// so that reports never move the task's revision; deleted with every commit.
+pub const PROGRESS: &str = "/ferry/progress/";
+pub fn progress(task_id: &str) -> String {
+    format!("{PROGRESS}{task_id}")
+}
+
 /// A cancellation request for a running task (the owner tells the node).
 pub const CANCELS: &str = "/ferry/cancel/";
 pub fn cancel(task_id: &str) -> String {

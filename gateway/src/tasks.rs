@@ -252,10 +252,22 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (mut t, _) = load(&st, &who, &id).await?;
+    let mut progress = None;
     if !t.state.is_final() {
         t.cancel_requested = st.store.get(&keys::cancel(&t.id)).await?.is_some();
     }
-    Ok(Json(view(&who, &t)))
+    if t.state == TaskState::Running
+        && let Some(kv) = st.store.get(&keys::progress(&t.id)).await?
+        && let Ok(p) = serde_json::from_slice::<ferry_core::task::TaskProgress>(&kv.value)
+        && p.attempt == t.attempt
+    {
+        progress = Some(p);
+    }
+    let mut v = view(&who, &t);
+    if let Some(p) = progress {
+        v["progress"] = serde_json::json!(p);
+    }
+    Ok(Json(v))
 }
 
 #[derive(Deserialize)]
