@@ -100,6 +100,25 @@ pub fn progress(task_id: &str) -> String {
     format!("{PROGRESS}{task_id}")
 }
 
+/// Finished tasks by the second they finished, for retention:
+/// `/ferry/done/{cluster}/{second:011}/{task_id}` (empty values).
+pub const DONE: &str = "/ferry/done/";
+pub fn done_of(cluster: &str) -> String {
+    format!("{DONE}{cluster}/")
+}
+pub fn done(cluster: &str, finished_ms: u64, task_id: &str) -> String {
+    format!("{DONE}{cluster}/{:011}/{task_id}", finished_ms / 1000)
+}
+
+/// `CallbackRecord` per finished task whose callback is not delivered yet.
+pub const CALLBACKS: &str = "/ferry/callbacks/";
+pub fn callbacks_of(cluster: &str) -> String {
+    format!("{CALLBACKS}{cluster}/")
+}
+pub fn callback(cluster: &str, task_id: &str) -> String {
+    format!("{CALLBACKS}{cluster}/{task_id}")
+}
+
 /// A cancellation request for a running task (the owner tells the node).
 pub const CANCELS: &str = "/ferry/cancel/";
 pub fn cancel(task_id: &str) -> String {

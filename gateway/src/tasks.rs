@@ -63,6 +63,9 @@ pub fn view(who: &Principal, t: &TaskRecord) -> serde_json::Value {
     if !t.log_tail.is_empty() {
         v["log_tail"] = json!(t.log_tail);
     }
+    if let Some(c) = &t.callback {
+        v["callback"] = json!(c);
+    }
     if let Some(out) = &t.output {
         use base64::Engine;
         v["output_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(out));

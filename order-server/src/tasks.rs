@@ -435,7 +435,22 @@ impl OrderService {
                 } else {
                     error
                 };
-                txn = txn.then(Op::delete(keys::cancel(&task_id)));
+                txn = txn.then(Op::delete(keys::cancel(&task_id))).then(Op::put(
+                    keys::done(&task.cluster, now, &task_id),
+                    Vec::new(),
+                ));
+                if task.callback_url.is_some() {
+                    let cb = ferry_core::task::CallbackRecord {
+                        task_id: task_id.clone(),
+                        attempts: 0,
+                        next_ms: now,
+                        last_error: None,
+                    };
+                    txn = txn.then(Op::put(
+                        keys::callback(&task.cluster, &task_id),
+                        serde_json::to_vec(&cb).unwrap_or_default(),
+                    ));
+                }
             }
             Next::Retry { not_before_ms } => {
                 task.state = TaskState::Queued;
