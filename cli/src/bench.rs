@@ -18,6 +18,9 @@ use crate::ClientArgs;
 pub enum BenchCommand {
     /// The sync invoke path over HTTP: warm latency and throughput, and cold starts.
     Invoke(InvokeBench),
+    /// The order-server with simulated nodes: tasks placed and committed per second,
+    /// failure detection and re-placement.
+    Schedule(crate::bench_schedule::ScheduleBench),
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +50,7 @@ pub struct InvokeBench {
 pub async fn run(cmd: BenchCommand, env: &Env) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Invoke(b) => invoke(b, env).await,
+        BenchCommand::Schedule(b) => crate::bench_schedule::run(b).await,
     }
 }
 
@@ -81,7 +85,7 @@ pub fn summarize(mut v: Vec<u64>) -> Summary {
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
