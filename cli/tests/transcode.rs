@@ -828,3 +828,115 @@ fn a_visible_gpu_that_does_not_work_leaves_the_cpu_plan() {
         "the probe's sample is removed"
     );
 }
+
+/// A source over the (lowered) threshold is cut into 4 s segments, each an async task of
+/// the function through the platform's own API (three node agents: the invocation
+/// itself and two more), joined without re-encoding and muxed with audio encoded once.
+/// The result passes the same checks as a one-pass ladder, HLS included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_source_is_encoded_segment_parallel_through_tasks() {
+    segmented(3).await;
+}
+
+/// With one node agent the segment tasks can never be placed while the invocation
+/// holds the node: it takes each back (cancels it while queued) and encodes it itself,
+/// instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_node_the_segments_are_taken_back_instead_of_waiting() {
+    let ran = segmented(1).await;
+    assert_eq!(ran, vec!["here"; 3]);
+}
+
+/// Runs the segment-parallel case on `nodes` node agents; returns where each segment
+/// ran.
+async fn segmented(nodes: u32) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = common::start_cluster(&dir.path().join("ferry"), nodes).await;
+    client.deploy("transcode", package()).await.unwrap();
+    let input = dir.path().join("in.mp4");
+    clip(&input, 640, 360, 25, 11);
+    let src = source_facts(&input);
+    let out = dir.path().join("out");
+    let m = invoke(
+        &client,
+        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
+               "segment_threshold_s": 5, "segment_s": 4, "hls": true,
+               "ladder": [{"name": "240p", "height": 240, "bitrate_kbps": 300},
+                          {"name": "360p", "height": 360, "bitrate_kbps": 600}]}),
+    )
+    .await;
+    assert!(
+        m.get("segmented_error").is_none(),
+        "{}",
+        m["segmented_error"]
+    );
+    let report = &m["segmented"];
+    assert_eq!(report["segment_s"], 4.0);
+    let segs = report["segments"].as_array().unwrap();
+    let starts: Vec<f64> = segs
+        .iter()
+        .map(|s| s["start_s"].as_f64().unwrap())
+        .collect();
+    assert_eq!(starts, vec![0.0, 4.0, 8.0], "cut at multiples of 4 s");
+    assert_eq!(segs[2].get("duration_s"), None, "the last runs to the end");
+    assert_eq!(segs[0]["ran"], "here");
+    // Every other segment went through the async task API: the task it ran as
+    // succeeded, or was still queued when this invocation was free and was cancelled
+    // and encoded here instead.
+    for s in &segs[1..] {
+        let id = s["task_id"].as_str().unwrap_or_else(|| panic!("{s}"));
+        let t = client.task(id).await.unwrap();
+        match s["ran"].as_str().unwrap() {
+            "task" => {
+                assert_eq!(t["state"], "succeeded", "{t}");
+                // The task's answer is the segment's own manifest.
+                assert_eq!(t["output"]["segment"]["index"], s["index"], "{t}");
+            }
+            "here" => {
+                assert_eq!(t["state"], "cancelled", "{t}");
+                assert!(s["taken_back"].as_str().unwrap().contains("queued"), "{s}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    let ran: Vec<String> = segs
+        .iter()
+        .map(|s| s["ran"].as_str().unwrap().to_string())
+        .collect();
+    eprintln!("segments ran: {ran:?}");
+    assert!(
+        report["audio_command"]
+            .as_str()
+            .unwrap()
+            .contains("-c:a aac")
+    );
+
+    assert_eq!(names(&m["renditions"]), vec!["240p", "360p"]);
+    assert_eq!(m["failed"], json!([]));
+    let mut keys = vec![];
+    for (r, (w, h, kbps)) in m["renditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([(426, 240, 300.0), (640, 360, 600.0)])
+    {
+        assert_eq!(r["encoded_in"], "segments");
+        assert!(r["ffmpeg_command"].as_str().unwrap().contains("-f concat"));
+        keys.push(check_rendition(r, &src, "h265", w, h, kbps));
+    }
+    assert_eq!(keys[0], vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+    assert_eq!(keys[0], keys[1]);
+    check_hls(&m, &src, &["240p", "360p"]);
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".ferry-segments"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the segments' work folder is removed: {left:?}"
+    );
+    cluster.shutdown().await;
+    ran
+}

@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod hls;
 pub mod ladder;
 pub mod manifest;
+pub mod parallel;
 pub mod probe;
 pub mod request;
 pub mod run;
