@@ -230,6 +230,23 @@ impl Drop for Work {
     }
 }
 
+/// Cancels the submitted segment tasks when the segment-parallel run gives up (an
+/// error return), so none keeps a node busy for nothing; disarmed on success.
+struct Outstanding<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    client: &'a ferry_sdk::client::Client,
+    ids: Vec<String>,
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        for id in &self.ids {
+            // Best effort: a finished task cannot be cancelled and says so.
+            let _ = self.rt.block_on(self.client.cancel(id));
+        }
+    }
+}
+
 /// Encodes one segment in this process (the same code path a task runs).
 fn encode_here(job: &Job, seg: &SegmentSpec, out: &Path, span: Span) -> anyhow::Result<Made> {
     let body = serde_json::to_vec(&child_request(job, seg, out))?;
@@ -284,6 +301,11 @@ pub(crate) fn run(
             Err(e) => here.push((i, Some(format!("could not submit it: {e}")))),
         }
     }
+    let mut outstanding = Outstanding {
+        rt: &rt,
+        client: &client,
+        ids: remote.iter().flatten().cloned().collect(),
+    };
 
     // The audio, once, for the whole file.
     let audio_path = work.0.join("audio.m4a");
@@ -383,6 +405,8 @@ pub(crate) fn run(
         segs.push(s);
         made.push(m);
     }
+    // Every segment is in: nothing left to cancel.
+    outstanding.ids.clear();
 
     // Each rung: joined when every segment made it.
     let mut encoded = vec![];
