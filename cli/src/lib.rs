@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use ferry_core::config::Env;
 
+pub mod admin;
+pub mod alias;
 pub mod bench;
 pub mod client;
 pub mod components;
@@ -65,6 +67,15 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Aliases: `ferry alias set transcode prod 3=90 4=10`.
+    #[command(subcommand)]
+    Alias(alias::AliasCommand),
+    /// Tenants and their limits (admin token).
+    #[command(subcommand)]
+    Tenants(admin::TenantsCommand),
+    /// Tenants' API keys (admin token).
+    #[command(subcommand)]
+    Keys(admin::KeysCommand),
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -307,6 +318,9 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Clusters(a) => client::clusters(a, &env).await,
         Command::Run(a) => client::run_local(a).await,
         Command::Bench(b) => bench::run(b, &env).await,
+        Command::Alias(c) => alias::run(c, &env).await,
+        Command::Tenants(c) => admin::tenants(c, &env).await,
+        Command::Keys(c) => admin::keys(c, &env).await,
     }
 }
 

@@ -93,6 +93,13 @@ pub fn running(cluster: &str, instance: &str, task_id: &str) -> String {
     format!("{RUNNING}{cluster}/{instance}/{task_id}")
 }
 
+/// The latest progress report of a running task (`TaskProgress`), apart from the task
+/// so that reports never move the task's revision; deleted with every commit.
+pub const PROGRESS: &str = "/ferry/progress/";
+pub fn progress(task_id: &str) -> String {
+    format!("{PROGRESS}{task_id}")
+}
+
 /// A cancellation request for a running task (the owner tells the node).
 pub const CANCELS: &str = "/ferry/cancel/";
 pub fn cancel(task_id: &str) -> String {
@@ -108,6 +115,35 @@ pub fn idempotency(scope: &str, key: &str) -> String {
     )
 }
 
+/// `TenantRecord` per tenant (`/ferry/tenants/{id}`).
+pub const TENANTS: &str = "/ferry/tenants/";
+pub fn tenant(id: &str) -> String {
+    format!("{TENANTS}{id}")
+}
+
+/// `ApiKeyRecord` per tenant API key, keyed by the sha256 of the key: the key itself is
+/// never stored, and a presented key is found by hashing it.
+pub const API_KEYS: &str = "/ferry/apikeys/";
+pub fn api_key(sha256: &str) -> String {
+    format!("{API_KEYS}{sha256}")
+}
+
+/// The internal name of tenant `tenant`'s function `name`: `{tenant}.{name}`. A `.` is
+/// never part of a function or tenant name, so the qualified name cannot collide with an
+/// unqualified one, and order-servers and node agents treat it as an opaque name.
+pub fn tenant_function(tenant: &str, name: &str) -> String {
+    format!("{tenant}.{name}")
+}
+
+/// `AliasRecord` per function alias (`prod`, `canary`): weighted versions.
+pub const ALIASES: &str = "/ferry/alias/";
+pub fn aliases_of(function: &str) -> String {
+    format!("{ALIASES}{function}/")
+}
+pub fn alias(function: &str, alias: &str) -> String {
+    format!("{ALIASES}{function}/{alias}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +154,7 @@ mod tests {
         assert!(version("hello", 1).starts_with(&versions_of("hello")));
         assert!(version("hello", 2) < version("hello", 10));
         assert!(!node("a", "n1").starts_with(&nodes_of("ab")));
+        assert!(!alias("hello2", "prod").starts_with(&aliases_of("hello")));
+        assert_eq!(tenant_function("acme", "hello"), "acme.hello");
     }
 }

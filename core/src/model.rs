@@ -221,3 +221,70 @@ pub struct RoutedCluster {
 pub struct RoutingTable {
     pub clusters: Vec<RoutedCluster>,
 }
+
+/// A tenant (`/ferry/tenants/{id}`): its functions and tasks are visible only to its own
+/// keys and to the admin token. Limits are enforced by every gateway on its own (N
+/// gateways admit up to N times a QPS limit).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub limits: TenantLimits,
+}
+
+/// A tenant's limits; `None` is unlimited (bounded by the gateway's own limits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Requests per second across the tenant's invocations (token bucket).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qps: Option<f64>,
+    /// Bucket size: requests admitted at once after a quiet spell (default: max(1, qps)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Requests per second per function of the tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_qps: Option<f64>,
+    /// Synchronous invocations in flight per function, per gateway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_concurrency: Option<u32>,
+    /// Largest invocation body in bytes (at most the gateway's own limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<u64>,
+}
+
+/// A tenant API key (`/ferry/apikeys/{sha256 of the key}`): the key is shown once, at
+/// creation, and only its hash is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    /// Public id, for listing and revoking.
+    pub id: String,
+    pub tenant: String,
+    /// The key's first characters, to recognise it (not enough to use it).
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub created_ms: u64,
+}
+
+/// One target of an alias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasRoute {
+    pub version: u32,
+    pub weight: u32,
+}
+
+/// An alias of a function (`/ferry/alias/{function}/{alias}`): one version, or a
+/// weighted split between versions (a canary).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    /// The function's internal name.
+    pub function: String,
+    pub alias: String,
+    pub routes: Vec<AliasRoute>,
+    pub updated_ms: u64,
+}

@@ -227,6 +227,17 @@ impl TaskRecord {
     }
 }
 
+/// The latest progress of a running attempt (`/ferry/progress/{id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    pub attempt: u32,
+    /// 0 to 100.
+    pub percent: f32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    pub updated_ms: u64,
+}
+
 /// How an attempt ended, as far as retries are concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttemptEnd {

@@ -8,7 +8,7 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use ferry_core::model::{FunctionRecord, PackageRecord, VersionRecord};
 use ferry_core::proto::Outcome;
@@ -18,9 +18,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::AppState;
+use crate::catalog::Qualifier;
 use crate::error::{ApiError, ApiResult};
+use crate::tenancy::{self, Principal};
 
 type St = State<Arc<AppState>>;
+type Who = axum::Extension<Principal>;
 
 /// The request id: taken from `X-Request-Id` when sane, otherwise minted.
 #[derive(Clone, Debug)]
@@ -36,6 +39,13 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/functions/{name}/versions/{version}", get(get_version))
         .route("/v1/functions/{name}/invoke", post(invoke))
+        .route("/v1/functions/{name}/aliases", get(crate::aliases::list))
+        .route(
+            "/v1/functions/{name}/aliases/{alias}",
+            get(crate::aliases::get)
+                .put(crate::aliases::set)
+                .delete(crate::aliases::delete),
+        )
         .route("/v1/functions/{name}/tasks", post(crate::tasks::submit))
         .route("/v1/tasks", get(crate::tasks::list))
         .route("/v1/tasks/{id}", get(crate::tasks::get))
@@ -44,6 +54,20 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/nodes", get(crate::nodes::list))
         .route("/v1/nodes/{id}/{action}", post(crate::nodes::admin))
         .route("/v1/clusters", get(list_clusters))
+        .route("/v1/tenants", get(tenancy::list).post(tenancy::create))
+        .route(
+            "/v1/tenants/{id}",
+            get(tenancy::get).delete(tenancy::delete),
+        )
+        .route("/v1/tenants/{id}/limits", put(tenancy::set_limits))
+        .route(
+            "/v1/tenants/{id}/keys",
+            get(tenancy::list_keys).post(tenancy::create_key),
+        )
+        .route(
+            "/v1/tenants/{id}/keys/{key_id}",
+            delete(tenancy::revoke_key),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -91,8 +115,11 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
         } else {
             tracing::debug!(request_id = %id, %method, %route, code = %err.code, message = %err.message, "request refused");
         }
-        let status = resp.status();
-        resp = (status, Json(err.to_json(&id))).into_response();
+        // The body gains the request id; the headers (Retry-After, X-Ferry-Version…) stay.
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = serde_json::to_vec(&err.to_json(&id)).unwrap_or_default();
+        resp = Response::from_parts(parts, Body::from(body));
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -109,8 +136,9 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// Every `/v1` route needs `Authorization: Bearer <token>`.
-async fn auth(State(st): St, req: Request, next: Next) -> Response {
+/// Every `/v1` route needs `Authorization: Bearer <token>`: the admin token, or a
+/// tenant's API key. Which one it was travels on as the request's [`Principal`].
+async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -119,10 +147,16 @@ async fn auth(State(st): St, req: Request, next: Next) -> Response {
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .unwrap_or("");
-    if !ferry_core::id::constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
-        return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
-            .into_response();
-    }
+    let principal =
+        if ferry_core::id::constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
+            Principal::Admin
+        } else if let Some(t) = st.directory.by_key(presented) {
+            Principal::Tenant(t)
+        } else {
+            return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
+                .into_response();
+        };
+    req.extensions_mut().insert(principal);
     next.run(req).await
 }
 
@@ -207,9 +241,16 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiRes
     })
 }
 
-fn check_name(name: &str) -> ApiResult<()> {
-    if ferry_core::id::valid_name(name) {
-        Ok(())
+/// A name a caller may create: a plain function name; the admin may also name a
+/// tenant's function as `{tenant}.{name}`. Returns the internal name.
+fn check_name(who: &Principal, name: &str) -> ApiResult<String> {
+    let valid = ferry_core::id::valid_name(name)
+        || (who.is_admin()
+            && name.split_once('.').is_some_and(|(t, n)| {
+                ferry_core::id::valid_name(t) && ferry_core::id::valid_name(n)
+            }));
+    if valid {
+        Ok(who.internal(name))
     } else {
         Err(ApiError::new(
             ErrorCode::InvalidName,
@@ -220,9 +261,9 @@ fn check_name(name: &str) -> ApiResult<()> {
     }
 }
 
-fn function_json(f: &FunctionRecord) -> serde_json::Value {
+fn function_json(who: &Principal, f: &FunctionRecord) -> serde_json::Value {
     json!({
-        "name": f.name,
+        "name": who.external(&f.name),
         "description": f.description,
         "latest_version": f.latest_version,
         "created_ms": f.created_ms,
@@ -230,8 +271,21 @@ fn function_json(f: &FunctionRecord) -> serde_json::Value {
     })
 }
 
-async fn list_functions(State(st): St) -> Json<serde_json::Value> {
-    let list: Vec<_> = st.catalog.list().iter().map(function_json).collect();
+/// A version as its caller sees it (under the name the caller knows).
+pub(crate) fn version_json(who: &Principal, v: &VersionRecord) -> serde_json::Value {
+    let mut j = serde_json::to_value(v).unwrap_or_default();
+    j["name"] = json!(who.external(&v.name));
+    j
+}
+
+async fn list_functions(State(st): St, who: Who) -> Json<serde_json::Value> {
+    let list: Vec<_> = st
+        .catalog
+        .list()
+        .iter()
+        .filter(|f| who.owns(&f.name))
+        .map(|f| function_json(&who, f))
+        .collect();
     Json(json!({ "functions": list }))
 }
 
@@ -243,19 +297,24 @@ struct CreateFunction {
     description: Option<String>,
 }
 
-async fn create_function(State(st): St, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+async fn create_function(
+    State(st): St,
+    who: Who,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let bytes = read_body(&headers, body, 64 << 10).await?;
     let req: CreateFunction = parse_json(&bytes)?;
-    check_name(&req.name)?;
+    let internal = check_name(&who, &req.name)?;
     let now = ferry_core::now_ms();
     let rec = FunctionRecord {
-        name: req.name.clone(),
+        name: internal.clone(),
         description: req.description,
         created_ms: now,
         updated_ms: now,
         latest_version: 0,
     };
-    let key = keys::function(&req.name);
+    let key = keys::function(&internal);
     let r = st
         .store
         .txn(
@@ -271,62 +330,68 @@ async fn create_function(State(st): St, headers: HeaderMap, body: Body) -> ApiRe
         ));
     }
     st.catalog.wait_for(r.revision, false).await;
-    Ok((StatusCode::CREATED, Json(function_json(&rec))).into_response())
+    Ok((StatusCode::CREATED, Json(function_json(&who, &rec))).into_response())
 }
 
 async fn get_function(
     State(st): St,
+    who: Who,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    let name = who.internal(&name);
     let f = st.catalog.function(&name).await?;
-    let mut v = function_json(&f);
-    v["versions"] = serde_json::to_value(
-        st.catalog
-            .versions_of(&name)
-            .iter()
-            .map(|r| r.as_ref())
-            .collect::<Vec<_>>(),
-    )
-    .unwrap_or_default();
+    let mut v = function_json(&who, &f);
+    v["versions"] = st
+        .catalog
+        .versions_of(&name)
+        .iter()
+        .map(|r| version_json(&who, r))
+        .collect();
     Ok(Json(v))
 }
 
 async fn list_versions(
     State(st): St,
+    who: Who,
     Path(name): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    let name = who.internal(&name);
     st.catalog.function(&name).await?;
-    let list: Vec<VersionRecord> = st
+    let list: Vec<serde_json::Value> = st
         .catalog
         .versions_of(&name)
         .iter()
-        .map(|r| (**r).clone())
+        .map(|r| version_json(&who, r))
         .collect();
     Ok(Json(json!({ "versions": list })))
 }
 
 async fn get_version(
     State(st): St,
+    who: Who,
     Path((name, version)): Path<(String, String)>,
-) -> ApiResult<Json<VersionRecord>> {
+) -> ApiResult<Json<serde_json::Value>> {
     let v: u32 = version.parse().map_err(|_| {
         ApiError::new(
             ErrorCode::BadRequest,
             format!("version {version:?} is not a number"),
         )
     })?;
-    Ok(Json((*st.catalog.version(&name, Some(v)).await?).clone()))
+    let rec = st.catalog.version(&who.internal(&name), Some(v)).await?;
+    Ok(Json(version_json(&who, &rec)))
 }
 
 /// Uploads a package as the function's next version. Everything is checked before
 /// anything is written: a refused package leaves no trace.
 async fn upload_version(
     State(st): St,
+    who: Who,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    check_name(&name)?;
+    let shown_name = name;
+    let name = check_name(&who, &shown_name)?;
     let bytes = read_body(&headers, body, st.cfg.max_package).await?;
     let max_unpacked = st.cfg.max_unpacked;
     let b = bytes.clone();
@@ -340,11 +405,11 @@ async fn upload_version(
     .await
     .map_err(|e| Error::internal(format!("package check: {e}")))?;
     let (manifest, sha) = inspected?;
-    if manifest.name != name {
+    if manifest.name != tenancy::shown(&name) {
         return Err(ApiError::new(
             ErrorCode::InvalidManifest,
             format!(
-                "ferry.toml names function {:?}, but the upload is for {name:?}",
+                "ferry.toml names function {:?}, but the upload is for {shown_name:?}",
                 manifest.name
             ),
         ));
@@ -377,7 +442,7 @@ async fn upload_version(
             let latest = st.catalog.version(&name, Some(func.latest_version)).await?;
             if latest.sha256 == sha {
                 // Same bytes as the latest version: nothing new to publish.
-                let mut body = serde_json::to_value(&*latest).unwrap_or_default();
+                let mut body = version_json(&who, &latest);
                 body["unchanged"] = json!(true);
                 return Ok((StatusCode::OK, Json(body)).into_response());
             }
@@ -422,7 +487,7 @@ async fn upload_version(
         if r.succeeded {
             st.catalog.wait_for(r.revision, true).await;
             tracing::info!(function = %name, version = version.version, sha256 = %sha, "version published");
-            return Ok((StatusCode::CREATED, Json(version)).into_response());
+            return Ok((StatusCode::CREATED, Json(version_json(&who, &version))).into_response());
         }
     }
     Err(ApiError::new(
@@ -454,22 +519,17 @@ struct InvokeQuery {
     version: Option<u32>,
 }
 
-/// `name` or `name:VERSION`.
-pub(crate) fn split_qualifier(name: &str) -> ApiResult<(&str, Option<u32>)> {
+/// `name`, `name:VERSION` or `name:ALIAS`.
+pub(crate) fn split_qualifier(name: &str) -> (&str, Qualifier) {
     match name.split_once(':') {
-        None => Ok((name, None)),
-        Some((n, q)) => match q.parse::<u32>() {
-            Ok(v) => Ok((n, Some(v))),
-            Err(_) => Err(ApiError::new(
-                ErrorCode::VersionNotFound,
-                format!("qualifier {q:?} is not a version number"),
-            )),
-        },
+        None => (name, Qualifier::Latest),
+        Some((n, q)) => (n, Qualifier::parse(Some(q))),
     }
 }
 
 async fn invoke(
     State(st): St,
+    who: Who,
     axum::Extension(rid): axum::Extension<RequestId>,
     Path(name): Path<String>,
     query: Result<Query<InvokeQuery>, axum::extract::rejection::QueryRejection>,
@@ -477,9 +537,19 @@ async fn invoke(
     body: Body,
 ) -> ApiResult<Response> {
     let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let (fname, qualified) = split_qualifier(&name)?;
-    let version = st.catalog.version(fname, q.version.or(qualified)).await?;
-    let input = read_body(&headers, body, st.cfg.max_body).await?;
+    let (shown_name, qualified) = split_qualifier(&name);
+    let qualified = q.version.map_or(qualified, Qualifier::Version);
+    let internal = who.internal(shown_name);
+    let fname = internal.as_str();
+    let (version, alias) = st.catalog.resolve(fname, &qualified).await?;
+    if let Err(t) = st.limiter.admit(&who, fname) {
+        return Ok(throttled(&st, t));
+    }
+    let _in_flight = match st.limiter.enter(&who, fname) {
+        Ok(guard) => guard,
+        Err(t) => return Ok(throttled(&st, t)),
+    };
+    let input = read_body(&headers, body, who.max_body(st.cfg.max_body)).await?;
     if is_json(&headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
@@ -545,9 +615,12 @@ async fn invoke(
     let h = resp.headers_mut();
     h.insert(
         "x-ferry-function",
-        HeaderValue::from_str(fname).unwrap_or(HeaderValue::from_static("?")),
+        HeaderValue::from_str(shown_name).unwrap_or(HeaderValue::from_static("?")),
     );
     h.insert("x-ferry-version", HeaderValue::from(version.version));
+    if let Some(v) = alias.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        h.insert("x-ferry-alias", v);
+    }
     h.insert("x-ferry-duration-us", HeaderValue::from(reply.duration_us));
     h.insert(
         "x-ferry-cold",
@@ -563,6 +636,21 @@ async fn invoke(
         h.insert("x-ferry-log-tail", v);
     }
     Ok(resp)
+}
+
+/// A 429 with `Retry-After` (seconds) and `X-Ferry-Limit` (which limit), counted.
+pub(crate) fn throttled(st: &AppState, t: crate::limits::Throttled) -> Response {
+    let (err, reason, secs) = t.into_api_error();
+    st.metrics
+        .rejections
+        .with_label_values(&[reason.as_str()])
+        .inc();
+    let mut r = err.into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    r.headers_mut()
+        .insert("x-ferry-limit", HeaderValue::from_static(reason.as_str()));
+    r
 }
 
 fn looks_like_json(b: &[u8]) -> bool {
@@ -595,7 +683,8 @@ fn base64(input: &[u8]) -> String {
 }
 
 /// Streams a package (never whole in memory: every node fetches each new version).
-async fn get_package(State(st): St, Path(sha): Path<String>) -> ApiResult<Response> {
+async fn get_package(State(st): St, who: Who, Path(sha): Path<String>) -> ApiResult<Response> {
+    who.require_admin()?;
     let (file, len) = st.blobs.open(&sha).await?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 << 10));
     Ok((
@@ -608,8 +697,9 @@ async fn get_package(State(st): St, Path(sha): Path<String>) -> ApiResult<Respon
         .into_response())
 }
 
-async fn list_clusters(State(st): St) -> Json<serde_json::Value> {
-    Json(json!({ "clusters": st.router.table().clusters }))
+async fn list_clusters(State(st): St, who: Who) -> ApiResult<Json<serde_json::Value>> {
+    who.require_admin()?;
+    Ok(Json(json!({ "clusters": st.router.table().clusters })))
 }
 
 #[cfg(test)]
@@ -627,15 +717,12 @@ mod tests {
 
     #[test]
     fn qualifiers() {
+        assert_eq!(split_qualifier("hello"), ("hello", Qualifier::Latest));
+        assert_eq!(split_qualifier("hello:3"), ("hello", Qualifier::Version(3)));
         assert_eq!(
-            split_qualifier("hello").unwrap_or(("x", None)),
-            ("hello", None)
+            split_qualifier("hello:prod"),
+            ("hello", Qualifier::Alias("prod".into()))
         );
-        assert_eq!(
-            split_qualifier("hello:3").unwrap_or(("x", None)),
-            ("hello", Some(3))
-        );
-        assert!(split_qualifier("hello:prod").is_err());
     }
 
     #[test]

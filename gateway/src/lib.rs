@@ -15,14 +15,17 @@ use ferry_core::model::{GatewayRecord, RoutingTable};
 use ferry_store::{LeaseKeeper, Store, StoreError, WatchCache};
 use tracing::{info, warn};
 
+mod aliases;
 mod api;
 pub mod blobs;
 mod catalog;
 pub mod error;
+mod limits;
 mod metrics;
 mod nodes;
 mod routing;
 mod tasks;
+mod tenancy;
 
 /// A gateway's settings. (No `Debug`: it holds the token.)
 #[derive(Clone)]
@@ -81,6 +84,8 @@ pub(crate) struct AppState {
     pub cfg: Config,
     pub store: Arc<dyn Store>,
     pub catalog: Arc<catalog::Catalog>,
+    pub directory: Arc<tenancy::Directory>,
+    pub limiter: Arc<limits::Limiter>,
     pub router: routing::Router,
     pub blobs: blobs::Blobs,
     pub metrics: metrics::Metrics,
@@ -137,6 +142,8 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         cfg: cfg.clone(),
         store: store.clone(),
         catalog,
+        directory: tenancy::Directory::start(store.clone()).await?,
+        limiter: Arc::default(),
         router: routing::Router::new(&cfg.token).map_err(|e| GatewayError::BadToken(e.message))?,
         metrics: metrics::Metrics::new(),
     });

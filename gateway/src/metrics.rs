@@ -10,6 +10,7 @@ pub struct Metrics {
     pub latency: HistogramVec,
     pub invocations: IntCounterVec,
     pub cold_starts: IntCounterVec,
+    pub rejections: IntCounterVec,
 }
 
 impl Metrics {
@@ -52,11 +53,20 @@ impl Metrics {
             &["function"],
         )
         .expect("valid metric");
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "ferry_gateway_rejections_total",
+                "Requests refused by a limit, by reason (tenant_qps, function_qps, function_concurrency)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(invocations.clone()),
             Box::new(cold_starts.clone()),
+            Box::new(rejections.clone()),
         ] {
             registry.register(m).expect("metric registered once");
         }
@@ -66,6 +76,7 @@ impl Metrics {
             latency,
             invocations,
             cold_starts,
+            rejections,
         }
     }
 

@@ -17,6 +17,9 @@ use serde_json::json;
 use crate::AppState;
 use crate::api::{RequestId, is_json, parse_json, read_body, split_qualifier};
 use crate::error::{ApiError, ApiResult};
+use crate::tenancy::Principal;
+
+type Who = axum::Extension<Principal>;
 
 /// Largest async input kept with the task.
 pub const MAX_TASK_INPUT: usize = 1 << 20;
@@ -30,11 +33,12 @@ struct IdempotencyEntry {
     created_ms: u64,
 }
 
-/// The JSON view of a task (input left out; output inline when it is JSON).
-pub fn view(t: &TaskRecord) -> serde_json::Value {
+/// The JSON view of a task as `who` sees it (input left out; output inline when it is
+/// JSON).
+pub fn view(who: &Principal, t: &TaskRecord) -> serde_json::Value {
     let mut v = json!({
         "id": t.id,
-        "function": t.function,
+        "function": who.external(&t.function),
         "version": t.version.version,
         "cluster": t.cluster,
         "state": t.state.as_str(),
@@ -79,14 +83,20 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 pub async fn submit(
     State(st): State<Arc<AppState>>,
+    who: Who,
     axum::Extension(rid): axum::Extension<RequestId>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let (fname, qualified) = split_qualifier(&name)?;
-    let version = st.catalog.version(fname, qualified).await?;
-    let input = read_body(&headers, body, MAX_TASK_INPUT).await?;
+    let (shown_name, qualified) = split_qualifier(&name);
+    let internal = who.internal(shown_name);
+    let fname = internal.as_str();
+    let (version, _alias) = st.catalog.resolve(fname, &qualified).await?;
+    if let Err(t) = st.limiter.admit(&who, fname) {
+        return Ok(crate::api::throttled(&st, t));
+    }
+    let input = read_body(&headers, body, who.max_body(MAX_TASK_INPUT)).await?;
     if is_json(&headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
@@ -152,7 +162,7 @@ pub async fn submit(
         ));
     let Some(key) = idempotency_key else {
         st.store.txn(base).await?;
-        return Ok(accepted(&task.id, false));
+        return Ok(accepted(&task.id, Some(task.version.version), false));
     };
     // The key, the task and its queue entry commit together, or not at all.
     let ikey = keys::idempotency("tasks", &format!("{fname}/{key}"));
@@ -175,7 +185,7 @@ pub async fn submit(
                                 "this Idempotency-Key was already used with a different body",
                             ));
                         }
-                        return Ok(accepted(&e.task_id, true));
+                        return Ok(accepted(&e.task_id, None, true));
                     }
                     // Expired: the key may be reused.
                     _ => Compare::mod_revision(&ikey, kv.mod_revision),
@@ -189,7 +199,7 @@ pub async fn submit(
             failure: vec![],
         };
         if st.store.txn(txn).await?.succeeded {
-            return Ok(accepted(&task.id, false));
+            return Ok(accepted(&task.id, Some(task.version.version), false));
         }
     }
     Err(ApiError::new(
@@ -198,13 +208,19 @@ pub async fn submit(
     ))
 }
 
-fn accepted(task_id: &str, replayed: bool) -> Response {
+/// The 202 of a submission; `version` is the version the task runs (known here unless
+/// this is a replay of an earlier submission).
+fn accepted(task_id: &str, version: Option<u32>, replayed: bool) -> Response {
     let url = format!("/v1/tasks/{task_id}");
-    let mut r = (
-        StatusCode::ACCEPTED,
-        Json(json!({ "task_id": task_id, "status_url": url, "idempotent_replay": replayed })),
-    )
-        .into_response();
+    let mut body = json!({ "task_id": task_id, "status_url": url, "idempotent_replay": replayed });
+    if let Some(v) = version {
+        body["version"] = json!(v);
+    }
+    let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Some(v) = version {
+        r.headers_mut()
+            .insert("x-ferry-version", HeaderValue::from(v));
+    }
     if let Ok(v) = HeaderValue::from_str(&url) {
         r.headers_mut().insert(header::LOCATION, v);
     }
@@ -215,26 +231,43 @@ fn accepted(task_id: &str, replayed: bool) -> Response {
     r
 }
 
-async fn load(st: &AppState, id: &str) -> ApiResult<(TaskRecord, i64)> {
+/// A task the caller may see; another tenant's task is "not found", like a missing one.
+async fn load(st: &AppState, who: &Principal, id: &str) -> ApiResult<(TaskRecord, i64)> {
     let bad_id = || ApiError::new(ErrorCode::NotFound, format!("task {id:?} not found"));
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(bad_id());
     }
     let kv = st.store.get(&keys::task(id)).await?.ok_or_else(bad_id)?;
-    let t = serde_json::from_slice(&kv.value)
+    let t: TaskRecord = serde_json::from_slice(&kv.value)
         .map_err(|e| ferry_core::Error::internal(format!("task record: {e}")))?;
+    if !who.owns(&t.function) {
+        return Err(bad_id());
+    }
     Ok((t, kv.mod_revision))
 }
 
 pub async fn get(
     State(st): State<Arc<AppState>>,
+    who: Who,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (mut t, _) = load(&st, &id).await?;
+    let (mut t, _) = load(&st, &who, &id).await?;
+    let mut progress = None;
     if !t.state.is_final() {
         t.cancel_requested = st.store.get(&keys::cancel(&t.id)).await?.is_some();
     }
-    Ok(Json(view(&t)))
+    if t.state == TaskState::Running
+        && let Some(kv) = st.store.get(&keys::progress(&t.id)).await?
+        && let Ok(p) = serde_json::from_slice::<ferry_core::task::TaskProgress>(&kv.value)
+        && p.attempt == t.attempt
+    {
+        progress = Some(p);
+    }
+    let mut v = view(&who, &t);
+    if let Some(p) = progress {
+        v["progress"] = serde_json::json!(p);
+    }
+    Ok(Json(v))
 }
 
 #[derive(Deserialize)]
@@ -251,6 +284,7 @@ pub struct ListQuery {
 /// index by function and state comes with retention.)
 pub async fn list(
     State(st): State<Arc<AppState>>,
+    who: Who,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
@@ -262,20 +296,22 @@ pub async fn list(
             })?),
         };
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let function = q.function.as_deref().map(|f| who.internal(f));
     let r = st.store.range(keys::TASKS).await?;
     let tasks: Vec<serde_json::Value> = r
         .kvs
         .iter()
         .rev()
         .filter_map(|kv| serde_json::from_slice::<TaskRecord>(&kv.value).ok())
-        .filter(|t| q.function.as_deref().is_none_or(|f| t.function == f))
+        .filter(|t| who.owns(&t.function))
+        .filter(|t| function.as_deref().is_none_or(|f| t.function == f))
         .filter(|t| state.is_none_or(|s| t.state == s))
         .filter(|t| {
             q.since_ms.is_none_or(|s| t.created_ms >= s)
                 && q.until_ms.is_none_or(|u| t.created_ms < u)
         })
         .take(limit)
-        .map(|t| view(&t))
+        .map(|t| view(&who, &t))
         .collect();
     Ok(Json(json!({ "tasks": tasks })))
 }
@@ -284,10 +320,11 @@ pub async fn list(
 /// and the task ends `cancelled` when it has. Final: 409.
 pub async fn cancel(
     State(st): State<Arc<AppState>>,
+    who: Who,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     for _ in 0..8 {
-        let (mut t, rev) = load(&st, &id).await?;
+        let (mut t, rev) = load(&st, &who, &id).await?;
         let now = ferry_core::now_ms();
         let tkey = keys::task(&t.id);
         let txn = match t.state {
@@ -325,7 +362,7 @@ pub async fn cancel(
             } else {
                 StatusCode::ACCEPTED
             };
-            return Ok((status, Json(view(&t))).into_response());
+            return Ok((status, Json(view(&who, &t))).into_response());
         }
     }
     Err(ApiError::new(

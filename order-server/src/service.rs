@@ -444,6 +444,7 @@ impl OrderService {
             }
             Some(node_message::Msg::Progress(p)) => {
                 debug!(node_id, task_id = %p.task_id, percent = p.percent, "progress");
+                self.progress(p);
             }
             Some(node_message::Msg::Result(r)) => {
                 nodes.heartbeat(node_id, conn, None);

@@ -146,6 +146,26 @@ impl Client {
         .await
     }
 
+    /// `PUT path` with a JSON body → JSON.
+    pub async fn put_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
+        self.json(
+            self.req(reqwest::Method::PUT, path)
+                .header("content-type", "application/json")
+                .body(bytes),
+        )
+        .await
+    }
+
+    /// `DELETE path` → JSON.
+    pub async fn delete(&self, path: &str) -> Result<serde_json::Value, ClientError> {
+        self.json(self.req(reqwest::Method::DELETE, path)).await
+    }
+
     /// Uploads a package (`.tar.gz` bytes) as the function's next version.
     pub async fn deploy(
         &self,
