@@ -595,12 +595,16 @@ async fn reproducible_mode_gives_identical_bytes() {
 }
 
 /// Serves one file over HTTP/1.1 with byte ranges (enough for ffmpeg's http client).
-fn serve(file: PathBuf) -> String {
+/// Also returns how many requests it has answered.
+fn serve(file: PathBuf) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let file = file.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
@@ -635,7 +639,7 @@ fn serve(file: PathBuf) -> String {
             });
         }
     });
-    format!("http://{addr}/in.mp4")
+    (format!("http://{addr}/in.mp4"), count)
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
@@ -660,7 +664,7 @@ async fn a_small_source_over_http_drops_the_taller_rungs() {
     let input = dir.path().join("in360.mp4");
     clip(&input, 640, 360, 25, 4);
     let src = source_facts(&input);
-    let http = serve(input.clone());
+    let (http, requests) = serve(input.clone());
 
     // A raw request, to read the log tail as well.
     let body =
@@ -690,6 +694,16 @@ async fn a_small_source_over_http_drops_the_taller_rungs() {
     );
 
     assert_eq!(m["input"], http.as_str());
+    // Downloaded once; probe, ladder, cover and quality all read that copy.
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one request for the whole invocation"
+    );
+    assert_eq!(
+        m["input_download"]["bytes"].as_u64(),
+        Some(std::fs::metadata(&input).unwrap().len())
+    );
     // The node gave this invocation no GPU: the CPU path, and the manifest says why.
     assert_eq!(m["acceleration"]["path"], "cpu");
     assert_eq!(m["acceleration"]["encoder"], "libx265");

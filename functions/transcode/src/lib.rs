@@ -7,6 +7,7 @@
 //! JSON ([`probe`]) and the manifest ([`manifest`]) — are unit-tested; [`run`] drives
 //! the processes. See README.md for the input fields.
 
+pub mod fetch;
 pub mod ffmpeg;
 pub mod gpu;
 pub mod hls;

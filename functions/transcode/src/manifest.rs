@@ -37,6 +37,9 @@ pub struct Manifest {
     /// This invocation was one segment of a segment-parallel job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segment: Option<crate::request::SegmentSpec>,
+    /// An `http://` input downloaded once before the passes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_download: Option<crate::fetch::Downloaded>,
     /// How a long source was encoded segment-parallel.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segmented: Option<crate::parallel::Report>,
@@ -153,6 +156,7 @@ pub struct Parts<'a> {
     pub hls_error: Option<String>,
     pub segmented: Option<crate::parallel::Report>,
     pub segmented_error: Option<String>,
+    pub downloaded: Option<crate::fetch::Downloaded>,
     pub ffmpeg_command: String,
     pub ladder_error: Option<String>,
     pub timings: Timings,
@@ -204,6 +208,7 @@ pub fn assemble(p: Parts<'_>) -> Manifest {
         hls: p.hls,
         hls_error: p.hls_error,
         segment: p.job.segment.clone(),
+        input_download: p.downloaded,
         segmented: p.segmented,
         segmented_error: p.segmented_error,
         quality_error: p.quality_error,
@@ -302,6 +307,7 @@ mod tests {
             hls_error: None,
             segmented: None,
             segmented_error: None,
+            downloaded: None,
             ffmpeg_command: "ffmpeg -i /in.mp4 …".into(),
             ladder_error: Some("profile".into()),
             timings: Timings::default(),

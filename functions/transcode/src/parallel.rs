@@ -95,9 +95,9 @@ pub fn split(duration_s: f64, segment_s: f64) -> Vec<SegmentSpec> {
 }
 
 /// The request of one segment: the job's own settings, video only, no extras.
-pub fn child_request(job: &Job, seg: &SegmentSpec, out: &Path) -> Value {
+pub fn child_request(job: &Job, input: &str, seg: &SegmentSpec, out: &Path) -> Value {
     json!({
-        "input": job.input_url,
+        "input": input,
         "output": crate::manifest::file_url(out),
         "codec": job.codec.as_str(),
         "ladder": job.ladder,
@@ -111,6 +111,15 @@ pub fn child_request(job: &Job, seg: &SegmentSpec, out: &Path) -> Value {
         "hls": false,
         "segment": seg,
     })
+}
+
+/// What the segments read: the URL as given, or the local file this invocation
+/// downloaded it to (see [`crate::fetch`]).
+fn child_input(job: &Job) -> String {
+    match &job.input {
+        crate::request::Input::File(p) => crate::manifest::file_url(p),
+        crate::request::Input::Http(u) => u.clone(),
+    }
 }
 
 /// A concat demuxer list (`file '…'` lines, quotes escaped).
@@ -249,7 +258,7 @@ impl Drop for Outstanding<'_> {
 
 /// Encodes one segment in this process (the same code path a task runs).
 fn encode_here(job: &Job, seg: &SegmentSpec, out: &Path, span: Span) -> anyhow::Result<Made> {
-    let body = serde_json::to_vec(&child_request(job, seg, out))?;
+    let body = serde_json::to_vec(&child_request(job, &child_input(job), seg, out))?;
     let child = crate::request::parse(&body).map_err(|e| anyhow!("{e}"))?;
     let m = crate::run::nested(span, || crate::run::run(&child))
         .with_context(|| format!("encode segment {}", seg.index))?;
@@ -276,6 +285,24 @@ pub(crate) fn run(
         .collect();
     let work = Work(dir.join(format!(".ferry-segments-{safe}")));
     std::fs::create_dir_all(&work.0).with_context(|| format!("create {}", work.0.display()))?;
+    // A downloaded input sits in this node's scratch directory: the segment tasks on
+    // other nodes read a copy in the shared work folder instead of downloading again.
+    let shared_job;
+    let job = match &job.input {
+        crate::request::Input::File(p) if !job.input_url.starts_with("file:") => {
+            let copy = work.0.join("input");
+            if std::fs::hard_link(p, &copy).is_err() {
+                std::fs::copy(p, &copy)
+                    .with_context(|| format!("copy the downloaded input to {}", copy.display()))?;
+            }
+            shared_job = Job {
+                input: crate::request::Input::File(copy),
+                ..job.clone()
+            };
+            &shared_job
+        }
+        _ => job,
+    };
     let specs = split(source.duration_s, job.segment_s);
     let n = specs.len();
     eprintln!(
@@ -294,7 +321,12 @@ pub(crate) fn run(
     let mut remote: Vec<Option<String>> = vec![None; n];
     let mut here: Vec<(usize, Option<String>)> = vec![(0, None)];
     for (i, seg) in specs.iter().enumerate().skip(1) {
-        let body = serde_json::to_vec(&child_request(job, seg, &work.0.join(format!("r{i}"))))?;
+        let body = serde_json::to_vec(&child_request(
+            job,
+            &child_input(job),
+            seg,
+            &work.0.join(format!("r{i}")),
+        ))?;
         let opts = ferry_sdk::client::SubmitOptions::default();
         match rt.block_on(client.submit(&api.function, body, &opts)) {
             Ok(id) => remote[i] = Some(id),
@@ -573,7 +605,8 @@ mod tests {
             start_s: 60.0,
             duration_s: Some(30.0),
         };
-        let v = child_request(&j, &seg, Path::new("/out/.w/r2"));
+        let v = child_request(&j, "file:///in.mp4", &seg, Path::new("/out/.w/r2"));
+        assert_eq!(v["input"], "file:///in.mp4");
         assert_eq!(v["output"], "file:///out/.w/r2");
         assert_eq!(
             v["segment"],

@@ -16,7 +16,7 @@ use crate::ladder::{self, Planned};
 use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
 use crate::probe::{self, Source};
 use crate::request::{Input, Job};
-use crate::{gpu, hls, parallel};
+use crate::{fetch, gpu, hls, parallel};
 
 /// What a child process left behind.
 struct Ran {
@@ -384,6 +384,30 @@ fn segment_duration(job: &Job, source: &Source) -> f64 {
 
 /// The whole transcode.
 pub fn run(job: &Job) -> anyhow::Result<Manifest> {
+    if let (true, Input::Http(url)) = (fetch::downloads(&job.input), &job.input) {
+        // Once, into the scratch directory; every pass then reads the file.
+        let t = Instant::now();
+        mark(0.0, "download");
+        let scratch = std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir());
+        let fetched = fetch::download(url, &scratch)?;
+        let downloaded = fetch::Downloaded {
+            bytes: fetched.bytes,
+            ms: ms(t),
+        };
+        eprintln!(
+            "transcode: downloaded {} bytes of {url} in {} ms",
+            fetched.bytes, downloaded.ms
+        );
+        let local = Job {
+            input: Input::File(fetched.path.clone()),
+            ..job.clone()
+        };
+        return run_job(&local, Some(downloaded));
+    }
+    run_job(job, None)
+}
+
+fn run_job(job: &Job, downloaded: Option<fetch::Downloaded>) -> anyhow::Result<Manifest> {
     let start = Instant::now();
     let mut timings = Timings::default();
 
@@ -544,6 +568,7 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
         hls_error,
         segmented,
         segmented_error,
+        downloaded,
         ffmpeg_command,
         ladder_error,
         timings,
