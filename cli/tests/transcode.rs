@@ -954,3 +954,43 @@ async fn segmented(nodes: u32) -> Vec<String> {
     cluster.shutdown().await;
     ran
 }
+
+/// Segment-parallel with a rung forced to fail: every segment fails it (and retries it
+/// alone), so the joined result delivers the other rung and lists the failed one with
+/// the segment's reason, like a one-pass run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rung_failing_in_the_segments_is_reported_and_the_others_are_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = common::start_cluster(&dir.path().join("ferry"), 1).await;
+    client.deploy("transcode", package()).await.unwrap();
+    let input = dir.path().join("in.mp4");
+    clip(&input, 640, 360, 25, 9);
+    let src = source_facts(&input);
+    let out = dir.path().join("out");
+    let m = invoke(
+        &client,
+        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
+               "segment_threshold_s": 5, "segment_s": 4, "fail_rung": "360p", "quality": false,
+               "ladder": [{"name": "240p", "height": 240, "bitrate_kbps": 300},
+                          {"name": "360p", "height": 360, "bitrate_kbps": 600}]}),
+    )
+    .await;
+    assert_eq!(m["segmented"]["segments"].as_array().unwrap().len(), 3);
+    assert_eq!(names(&m["renditions"]), vec!["240p"]);
+    assert_eq!(names(&m["failed"]), vec!["360p"]);
+    let why = m["failed"][0]["reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("segment 0: ") && why.contains("ferry-forced-failure"),
+        "{why}"
+    );
+    assert!(!out.join("360p.mp4").exists());
+    let r = &m["renditions"][0];
+    assert_eq!(r["encoded_in"], "segments");
+    let v = video(Path::new(r["path"].as_str().unwrap()));
+    assert_eq!(num(&v["nb_read_frames"]) as u64, src.frames);
+    assert_eq!(
+        keyframes(Path::new(r["path"].as_str().unwrap())),
+        vec![0.0, 2.0, 4.0, 6.0, 8.0]
+    );
+    cluster.shutdown().await;
+}
