@@ -320,6 +320,7 @@ async fn runtime_baseline(dir: &std::path::Path, data: &str) -> anyhow::Result<S
         version: 1,
         request_id: "bench".into(),
         progress: None,
+        env: vec![],
     };
     let handle = std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
         runtime
