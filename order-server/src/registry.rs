@@ -92,15 +92,14 @@ pub struct NodeEntry {
     pending: HashMap<String, Pending>,
     breaker: Breaker,
     fn_breakers: HashMap<String, Breaker>,
+    /// Nodes of one pool share their tags (their resource class): the sorted tags.
+    pool: String,
 }
 
-impl NodeEntry {
-    /// Nodes of one pool share their tags (their resource class).
-    fn pool(&self) -> String {
-        let mut t = self.tags.clone();
-        t.sort();
-        t.join(",")
-    }
+fn pool_of(tags: &[String]) -> String {
+    let mut t = tags.to_vec();
+    t.sort();
+    t.join(",")
 }
 
 /// A placed task: where it went and how to hear back.
@@ -227,6 +226,7 @@ impl Registry {
         let entry = NodeEntry {
             conn,
             capacity,
+            pool: pool_of(&tags),
             tags,
             labels,
             tx,
@@ -336,79 +336,112 @@ impl Registry {
         need: &Need,
         exclude: &HashSet<String>,
     ) -> Option<Placed> {
+        self.place_batch(&[(task_id, sha, function, need)], exclude)
+            .pop()
+            .flatten()
+    }
+
+    /// [`Registry::place`] for several tasks under one lock, in order: the nodes' views
+    /// are built once per (function, package) and kept current as tasks are placed,
+    /// so a batch costs one pass over the nodes, not one per task.
+    pub fn place_batch(
+        &self,
+        tasks: &[(&str, &str, &str, &Need)],
+        exclude: &HashSet<String>,
+    ) -> Vec<Option<Placed>> {
         let now = Instant::now();
         let mut t = self.lock();
         let table = &mut *t;
-        let ids: Vec<&String> = table
-            .nodes
-            .keys()
-            .filter(|id| !exclude.contains(*id))
-            .collect();
-        let views: Vec<NodeView> = ids
-            .iter()
-            .map(|id| {
-                let n = &table.nodes[*id];
-                let mut used = max(&n.used, &n.reported);
-                if n.full {
-                    used.slots = n.capacity.slots;
-                }
-                let admin = table.admin.get(*id).copied().unwrap_or_default();
-                let fn_ok = n
-                    .fn_breakers
-                    .get(function)
-                    .is_none_or(|b| b.admission(now) != Admission::Deny);
-                NodeView {
-                    id: (*id).clone(),
-                    capacity: n.capacity,
-                    used,
-                    tags: n.tags.clone(),
-                    has_package: n.packages.contains(sha),
-                    schedulable: admin == NodeAdmin::Active
-                        && now.duration_since(n.last_seen) <= self.cfg.suspect_after
-                        && n.breaker.admission(now) != Admission::Deny
-                        && fn_ok,
-                }
-            })
-            .collect();
-        let chosen = placement::place(&views, need)?;
-        let node_id = views[chosen].id.clone();
-        let n = table.nodes.get_mut(&node_id)?;
-        let probe_node = n.breaker.admission(now) == Admission::Probe;
-        if probe_node {
-            n.breaker.probe_started();
-        }
-        let probe_function = match n.fn_breakers.get_mut(function) {
-            Some(b) if b.admission(now) == Admission::Probe => {
-                b.probe_started();
-                true
+        let mut views: HashMap<(&str, &str), Vec<NodeView>> = HashMap::new();
+        let mut out = Vec::with_capacity(tasks.len());
+        for &(task_id, sha, function, need) in tasks {
+            let set = views.entry((function, sha)).or_insert_with(|| {
+                table
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| !exclude.contains(*id))
+                    .map(|(id, n)| {
+                        let mut used = max(&n.used, &n.reported);
+                        if n.full {
+                            used.slots = n.capacity.slots;
+                        }
+                        let admin = table.admin.get(id).copied().unwrap_or_default();
+                        let fn_ok = n
+                            .fn_breakers
+                            .get(function)
+                            .is_none_or(|b| b.admission(now) != Admission::Deny);
+                        NodeView {
+                            id: id.clone(),
+                            capacity: n.capacity,
+                            used,
+                            tags: n.tags.clone(),
+                            has_package: n.packages.contains(sha),
+                            schedulable: admin == NodeAdmin::Active
+                                && now.duration_since(n.last_seen) <= self.cfg.suspect_after
+                                && n.breaker.admission(now) != Admission::Deny
+                                && fn_ok,
+                        }
+                    })
+                    .collect()
+            });
+            let Some(chosen) = placement::place(set, need) else {
+                out.push(None);
+                continue;
+            };
+            let node_id = set[chosen].id.clone();
+            let Some(n) = table.nodes.get_mut(&node_id) else {
+                out.push(None);
+                continue;
+            };
+            let probe_node = n.breaker.admission(now) == Admission::Probe;
+            if probe_node {
+                n.breaker.probe_started();
             }
-            _ => false,
-        };
-        let reserved = Capacity {
-            cpu_millis: need.cpu_millis,
-            memory_mb: need.memory_mb,
-            gpus: need.gpus,
-            fpga_slots: need.fpga_slots,
-            slots: 1,
-        };
-        add(&mut n.used, &reserved);
-        let (reply_tx, reply) = oneshot::channel();
-        n.pending.insert(
-            task_id.to_string(),
-            Pending {
-                sha: sha.to_string(),
-                function: function.to_string(),
-                reserved,
-                probe_node,
-                probe_function,
-                reply: reply_tx,
-            },
-        );
-        Some(Placed {
-            node_id,
-            tx: n.tx.clone(),
-            reply,
-        })
+            let probe_function = match n.fn_breakers.get_mut(function) {
+                Some(b) if b.admission(now) == Admission::Probe => {
+                    b.probe_started();
+                    true
+                }
+                _ => false,
+            };
+            let reserved = Capacity {
+                cpu_millis: need.cpu_millis,
+                memory_mb: need.memory_mb,
+                gpus: need.gpus,
+                fpga_slots: need.fpga_slots,
+                slots: 1,
+            };
+            add(&mut n.used, &reserved);
+            // Keep every cached view of this node current: its reservation grew, and a
+            // probe placed on it closes it to further work.
+            let reopened = n.breaker.admission(now) != Admission::Deny;
+            for ((f, _), set) in views.iter_mut() {
+                if let Some(v) = set.iter_mut().find(|v| v.id == node_id) {
+                    add(&mut v.used, &reserved);
+                    if !reopened || (probe_function && *f == function) {
+                        v.schedulable = false;
+                    }
+                }
+            }
+            let (reply_tx, reply) = oneshot::channel();
+            n.pending.insert(
+                task_id.to_string(),
+                Pending {
+                    sha: sha.to_string(),
+                    function: function.to_string(),
+                    reserved,
+                    probe_node,
+                    probe_function,
+                    reply: reply_tx,
+                },
+            );
+            out.push(Some(Placed {
+                node_id,
+                tx: n.tx.clone(),
+                reply,
+            }));
+        }
+        out
     }
 
     /// Feeds one outcome into the node's breakers. `node`: Some(failed) for the node's
@@ -427,8 +460,8 @@ impl Registry {
         let Some(entry) = t.nodes.get(node_id) else {
             return;
         };
-        let pool = entry.pool();
-        let members: Vec<&NodeEntry> = t.nodes.values().filter(|n| n.pool() == pool).collect();
+        let pool = &entry.pool;
+        let members: Vec<&NodeEntry> = t.nodes.values().filter(|n| n.pool == *pool).collect();
         let budget = cfg.max_ejected(members.len());
         let node_room = members.iter().filter(|n| n.breaker.is_ejected()).count() < budget;
         let fn_room = members

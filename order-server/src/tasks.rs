@@ -29,6 +29,8 @@ use crate::service::OrderService;
 
 /// Tasks claimed in one transaction at most (3 operations each, under etcd's 128).
 const CLAIM_BATCH: usize = 32;
+/// Claim transactions one round runs at once (one queue snapshot serves them all).
+const CLAIM_PARALLEL: usize = 8;
 /// Results larger than this are not kept with the task.
 pub const MAX_RESULT_BYTES: usize = 1 << 20;
 /// How long a priority class weighs in the queue order: a batch task that has waited
@@ -51,11 +53,19 @@ pub(crate) struct Inflight {
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 fn rendezvous(task_id: &str, instances: &[String]) -> Option<String> {
+    if instances.len() <= 1 {
+        return instances.first().cloned();
+    }
     instances
         .iter()
         .max_by_key(|i| {
-            let h = ferry_core::id::sha256_hex(format!("{task_id}/{i}").as_bytes());
-            u64::from_str_radix(&h[..16], 16).unwrap_or(0)
+            use sha2::Digest;
+            let d = sha2::Sha256::new()
+                .chain_update(task_id)
+                .chain_update(b"/")
+                .chain_update(i.as_bytes())
+                .finalize();
+            u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
         })
         .cloned()
 }
@@ -133,42 +143,47 @@ impl OrderService {
                 .inflight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            self.inner
-                .queue
-                .snapshot()
-                .into_iter()
-                .filter_map(|kv| {
-                    serde_json::from_slice::<QueueEntry>(&kv.value)
-                        .ok()
-                        .map(|e| (e, kv))
-                })
-                .filter(|(e, kv)| {
-                    let id = kv.key.rsplit('/').next().unwrap_or_default();
-                    e.not_before_ms <= now
-                        && !inflight.contains_key(id)
-                        && (rendezvous(id, &owners).as_deref() == Some(me.as_str())
-                            || now.saturating_sub(e.not_before_ms.max(e.enqueued_ms)) > steal_after)
-                })
-                .collect()
+            let mut out = vec![];
+            // Borrowed, not copied: only the entries this instance may claim are kept.
+            self.inner.queue.for_each(|kv| {
+                let Ok(e) = serde_json::from_slice::<QueueEntry>(&kv.value) else {
+                    return;
+                };
+                let id = kv.key.rsplit('/').next().unwrap_or_default();
+                if e.not_before_ms <= now
+                    && !inflight.contains_key(id)
+                    && (now.saturating_sub(e.not_before_ms.max(e.enqueued_ms)) > steal_after
+                        || rendezvous(id, &owners).as_deref() == Some(me.as_str()))
+                {
+                    out.push((e, kv.clone()));
+                }
+            });
+            out
         };
         if candidates.is_empty() {
             return Ok(0);
         }
         candidates.sort_by_key(|(e, kv)| (queue_rank(e), kv.key.clone()));
-        candidates.truncate(free.min(CLAIM_BATCH));
+        candidates.truncate(free.min(CLAIM_BATCH * CLAIM_PARALLEL));
 
-        // Read the tasks in one round trip.
+        // Read the tasks: one round trip per batch, the batches at once.
         let task_id = |kv: &KeyValue| kv.key.rsplit('/').next().unwrap_or_default().to_string();
-        let reads = Txn {
-            success: candidates
-                .iter()
-                .map(|(_, kv)| Op::get(keys::task(&task_id(kv))))
-                .collect(),
-            ..Txn::default()
-        };
-        let read = self.inner.store.txn(reads).await?;
+        let reads = candidates.chunks(CLAIM_BATCH).map(|chunk| {
+            let txn = Txn {
+                success: chunk
+                    .iter()
+                    .map(|(_, kv)| Op::get(keys::task(&task_id(kv))))
+                    .collect(),
+                ..Txn::default()
+            };
+            self.inner.store.txn(txn)
+        });
+        let mut gets = vec![];
+        for r in futures::future::join_all(reads).await {
+            gets.extend(r?.gets);
+        }
         let mut batch = vec![];
-        for ((_, qkv), got) in candidates.iter().zip(read.gets) {
+        for ((_, qkv), got) in candidates.iter().zip(gets) {
             match got.and_then(|kv| {
                 serde_json::from_slice::<TaskRecord>(&kv.value)
                     .ok()
@@ -196,25 +211,68 @@ impl OrderService {
         }
 
         // Place each task before claiming it: never claim what no node can run now.
+        // Placement stops at the first task that does not fit, so queue order holds.
+        let needs: Vec<(String, Need)> = batch
+            .iter()
+            .map(|(t, _, _)| {
+                (
+                    format!("{}#{}", t.id, t.attempt + 1),
+                    Need::of(&t.version.spec()),
+                )
+            })
+            .collect();
+        let requests: Vec<(&str, &str, &str, &Need)> = batch
+            .iter()
+            .zip(&needs)
+            .map(|((t, _, _), (slot, need))| {
+                (
+                    slot.as_str(),
+                    t.version.sha256.as_str(),
+                    t.version.name.as_str(),
+                    need,
+                )
+            })
+            .collect();
+        let outcomes = self.inner.nodes.place_batch(&requests, &Default::default());
         let mut placed = vec![];
-        for (t, tkv, qkv) in batch {
-            let need = Need::of(&t.version.spec());
-            let slot_id = format!("{}#{}", t.id, t.attempt + 1);
-            match self.inner.nodes.place(
-                &slot_id,
-                &t.version.sha256,
-                &t.version.name,
-                &need,
-                &Default::default(),
-            ) {
-                Some(p) => placed.push((t, tkv, qkv, slot_id, p)),
-                None => break,
+        let mut stop = false;
+        for (((t, tkv, qkv), (slot_id, _)), p) in batch.into_iter().zip(needs).zip(outcomes) {
+            match p {
+                Some(p) if !stop => placed.push((t, tkv, qkv, slot_id, p)),
+                Some(p) => self.inner.nodes.abandon(&p.node_id, &slot_id),
+                None => stop = true,
             }
         }
         if placed.is_empty() {
             return Ok(0);
         }
 
+        // Claim in batches of CLAIM_BATCH, each one transaction, all at once.
+        let mut chunks = vec![];
+        while !placed.is_empty() {
+            let rest = placed.split_off(placed.len().min(CLAIM_BATCH));
+            chunks.push(std::mem::replace(&mut placed, rest));
+        }
+        let claims = chunks.into_iter().map(|chunk| self.claim_chunk(chunk));
+        let mut n = 0;
+        for r in futures::future::join_all(claims).await {
+            n += r?;
+        }
+        Ok(n)
+    }
+
+    /// Claims placed tasks in one fenced transaction and starts them; on a lost race
+    /// every reservation of the chunk is released.
+    async fn claim_chunk(
+        &self,
+        placed: Vec<(
+            TaskRecord,
+            KeyValue,
+            KeyValue,
+            String,
+            crate::registry::Placed,
+        )>,
+    ) -> Result<usize, ferry_core::Error> {
         let tag = self.incarnation_tag(self.incarnation());
         let claimed_at = ferry_core::now_ms();
         let mut txn = Txn::new().when(self.fence());

@@ -102,6 +102,14 @@ impl WatchCache {
         self.inner.shared.data().map.values().cloned().collect()
     }
 
+    /// Runs `f` over every cached entry, ascending, without copying them (the cache
+    /// is read-locked meanwhile: keep `f` short and free of I/O).
+    pub fn for_each(&self, mut f: impl FnMut(&KeyValue)) {
+        for v in self.inner.shared.data().map.values() {
+            f(v);
+        }
+    }
+
     /// The cached keys starting with `prefix`, ascending.
     pub fn values_with_prefix(&self, prefix: &str) -> Vec<KeyValue> {
         let data = self.inner.shared.data();
