@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::catalog::Qualifier;
 use crate::error::{ApiError, ApiResult};
+use crate::idempotency::Begin;
 use crate::tenancy::{self, Principal};
 
 type St = State<Arc<AppState>>;
@@ -551,89 +552,145 @@ async fn invoke(
     if is_json(&headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
-    let reply = st
-        .router
-        .invoke(version.spec(), input, &rid.0, st.cfg.invoke_grace)
-        .await;
-    let ver = version.version.to_string();
-    let reply = match reply {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics
-                .invocations
-                .with_label_values(&[fname, &ver, e.code.as_str()])
-                .inc();
-            return Err(e.into());
-        }
+    let log_tail = headers.get("x-ferry-log").is_some_and(|v| v == "tail");
+    let call = Call {
+        st: &st,
+        fname,
+        shown_name,
+        version: &version,
+        alias: alias.as_deref(),
+        request_id: &rid.0,
+        log_tail,
     };
-    let outcome = reply.outcome();
-    st.metrics
-        .invocations
-        .with_label_values(&[fname, &ver, outcome.as_str_name()])
-        .inc();
-    if reply.cold {
-        st.metrics.cold_starts.with_label_values(&[fname]).inc();
-    }
-    let mut resp = match outcome {
-        Outcome::Succeeded => {
-            let ct = if looks_like_json(&reply.output) {
-                "application/json"
-            } else {
-                "application/octet-stream"
-            };
-            let mut r = Response::new(Body::from(reply.output));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-            r
-        }
-        Outcome::FunctionError => {
-            let mut r = ApiError::new(ErrorCode::FunctionError, reply.error).into_response();
-            r.headers_mut()
-                .insert("x-ferry-function-error", HeaderValue::from_static("true"));
-            r
-        }
-        Outcome::TimedOut => ApiError::new(ErrorCode::Timeout, reply.error).into_response(),
-        Outcome::Cancelled => {
-            ApiError::new(ErrorCode::Unavailable, "the invocation was cancelled").into_response()
-        }
-        Outcome::Failed | Outcome::Unspecified => {
-            let code = ErrorCode::parse(&reply.error_code).unwrap_or(ErrorCode::Internal);
-            let code = if code.http_status() < 500 {
-                ErrorCode::Internal
-            } else {
-                code
-            };
-            ApiError::new(
-                code,
-                format!("the platform could not run the function: {}", reply.error),
-            )
-            .into_response()
-        }
+    let Some(key) = crate::idempotency::key_from(&headers)? else {
+        return Ok(call.run(input).await);
     };
-    let h = resp.headers_mut();
-    h.insert(
-        "x-ferry-function",
-        HeaderValue::from_str(shown_name).unwrap_or(HeaderValue::from_static("?")),
-    );
-    h.insert("x-ferry-version", HeaderValue::from(version.version));
-    if let Some(v) = alias.and_then(|a| HeaderValue::from_str(&a).ok()) {
-        h.insert("x-ferry-alias", v);
+    let ikey = keys::idempotency("invoke", &format!("{fname}/{key}"));
+    let sha = ferry_core::id::sha256_hex(&input);
+    let run_for = std::time::Duration::from_millis(version.limits.timeout_ms)
+        + st.cfg.invoke_grace
+        + std::time::Duration::from_secs(5);
+    let store = st.store.as_ref();
+    match crate::idempotency::begin(store, &ikey, &sha, run_for, st.cfg.idempotency_window).await? {
+        Begin::Replay(stored, how) => Ok(stored.into_response(how)),
+        Begin::Run {
+            revision,
+            created_ms,
+        } => {
+            let resp = call.run(input).await;
+            Ok(crate::idempotency::finish(store, &ikey, revision, &sha, created_ms, resp).await)
+        }
     }
-    h.insert("x-ferry-duration-us", HeaderValue::from(reply.duration_us));
-    h.insert(
-        "x-ferry-cold",
-        HeaderValue::from_static(if reply.cold { "true" } else { "false" }),
-    );
-    if let Ok(v) = HeaderValue::from_str(&reply.node_id) {
-        h.insert("x-ferry-node", v);
+}
+
+/// One synchronous invocation, resolved and admitted.
+struct Call<'a> {
+    st: &'a AppState,
+    fname: &'a str,
+    shown_name: &'a str,
+    version: &'a VersionRecord,
+    alias: Option<&'a str>,
+    request_id: &'a str,
+    log_tail: bool,
+}
+
+impl Call<'_> {
+    /// Runs it on some order-server; every outcome is an answer (errors included).
+    async fn run(&self, input: Bytes) -> Response {
+        let Call {
+            st,
+            fname,
+            shown_name,
+            version,
+            alias,
+            request_id,
+            log_tail,
+        } = *self;
+        let reply = st
+            .router
+            .invoke(version.spec(), input, request_id, st.cfg.invoke_grace)
+            .await;
+        let ver = version.version.to_string();
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                st.metrics
+                    .invocations
+                    .with_label_values(&[fname, &ver, e.code.as_str()])
+                    .inc();
+                return ApiError::from(e).into_response();
+            }
+        };
+        let outcome = reply.outcome();
+        st.metrics
+            .invocations
+            .with_label_values(&[fname, &ver, outcome.as_str_name()])
+            .inc();
+        if reply.cold {
+            st.metrics.cold_starts.with_label_values(&[fname]).inc();
+        }
+        let mut resp = match outcome {
+            Outcome::Succeeded => {
+                let ct = if looks_like_json(&reply.output) {
+                    "application/json"
+                } else {
+                    "application/octet-stream"
+                };
+                let mut r = Response::new(Body::from(reply.output));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                r
+            }
+            Outcome::FunctionError => {
+                let mut r = ApiError::new(ErrorCode::FunctionError, reply.error).into_response();
+                r.headers_mut()
+                    .insert("x-ferry-function-error", HeaderValue::from_static("true"));
+                r
+            }
+            Outcome::TimedOut => ApiError::new(ErrorCode::Timeout, reply.error).into_response(),
+            Outcome::Cancelled => {
+                ApiError::new(ErrorCode::Unavailable, "the invocation was cancelled")
+                    .into_response()
+            }
+            Outcome::Failed | Outcome::Unspecified => {
+                let code = ErrorCode::parse(&reply.error_code).unwrap_or(ErrorCode::Internal);
+                let code = if code.http_status() < 500 {
+                    ErrorCode::Internal
+                } else {
+                    code
+                };
+                ApiError::new(
+                    code,
+                    format!("the platform could not run the function: {}", reply.error),
+                )
+                .into_response()
+            }
+        };
+        let h = resp.headers_mut();
+        h.insert(
+            "x-ferry-function",
+            HeaderValue::from_str(shown_name).unwrap_or(HeaderValue::from_static("?")),
+        );
+        h.insert("x-ferry-version", HeaderValue::from(version.version));
+        if let Some(v) = alias.and_then(|a| HeaderValue::from_str(a).ok()) {
+            h.insert("x-ferry-alias", v);
+        }
+        h.insert("x-ferry-duration-us", HeaderValue::from(reply.duration_us));
+        h.insert(
+            "x-ferry-cold",
+            HeaderValue::from_static(if reply.cold { "true" } else { "false" }),
+        );
+        if let Ok(v) = HeaderValue::from_str(&reply.node_id) {
+            h.insert("x-ferry-node", v);
+        }
+        if !reply.log_tail.is_empty()
+            && log_tail
+            && let Ok(v) = HeaderValue::from_str(&base64(reply.log_tail.as_bytes()))
+        {
+            h.insert("x-ferry-log-tail", v);
+        }
+        resp
     }
-    if !reply.log_tail.is_empty()
-        && headers.get("x-ferry-log").is_some_and(|v| v == "tail")
-        && let Ok(v) = HeaderValue::from_str(&base64(reply.log_tail.as_bytes()))
-    {
-        h.insert("x-ferry-log-tail", v);
-    }
-    Ok(resp)
 }
 
 /// A 429 with `Retry-After` (seconds) and `X-Ferry-Limit` (which limit), counted.

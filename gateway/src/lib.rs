@@ -20,6 +20,7 @@ mod api;
 pub mod blobs;
 mod catalog;
 pub mod error;
+mod idempotency;
 mod limits;
 mod metrics;
 mod routing;
@@ -45,6 +46,8 @@ pub struct Config {
     pub max_unpacked: u64,
     /// Time allowed on top of a function's own timeout (queueing, fetch, compile).
     pub invoke_grace: Duration,
+    /// How long an `Idempotency-Key` answers with its first call's task or result.
+    pub idempotency_window: Duration,
 }
 
 impl Default for Config {
@@ -59,6 +62,7 @@ impl Default for Config {
             max_package: 256 << 20,
             max_unpacked: 1 << 30,
             invoke_grace: Duration::from_secs(30),
+            idempotency_window: Duration::from_secs(24 * 3600),
         }
     }
 }
