@@ -8,7 +8,7 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{MethodRouter, delete, get, post, put};
 use axum::{Json, Router};
 use ferry_core::model::{FunctionRecord, NodeRecord, PackageRecord, VersionRecord};
 use ferry_core::proto::Outcome;
@@ -30,49 +30,81 @@ type Who = axum::Extension<Principal>;
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
-pub(crate) fn router(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route("/v1/functions", get(list_functions).post(create_function))
-        .route("/v1/functions/{name}", get(get_function))
-        .route(
+type Routes = Vec<(&'static str, MethodRouter<Arc<AppState>>)>;
+
+/// The native API: every route behind the token. `/openapi.json` documents each of them
+/// (a test checks both ways).
+fn native_routes() -> Routes {
+    vec![
+        ("/v1/functions", get(list_functions).post(create_function)),
+        ("/v1/functions/{name}", get(get_function)),
+        (
             "/v1/functions/{name}/versions",
             get(list_versions).post(upload_version),
-        )
-        .route("/v1/functions/{name}/versions/{version}", get(get_version))
-        .route("/v1/functions/{name}/invoke", post(invoke))
-        .route("/v1/functions/{name}/aliases", get(crate::aliases::list))
-        .route(
+        ),
+        ("/v1/functions/{name}/versions/{version}", get(get_version)),
+        ("/v1/functions/{name}/invoke", post(invoke)),
+        ("/v1/functions/{name}/aliases", get(crate::aliases::list)),
+        (
             "/v1/functions/{name}/aliases/{alias}",
             get(crate::aliases::get)
                 .put(crate::aliases::set)
                 .delete(crate::aliases::delete),
-        )
-        .route("/v1/functions/{name}/tasks", post(crate::tasks::submit))
-        .route("/v1/tasks", get(crate::tasks::list))
-        .route("/v1/tasks/{id}", get(crate::tasks::get))
-        .route("/v1/tasks/{id}/cancel", post(crate::tasks::cancel))
-        .route("/v1/packages/{sha256}", get(get_package))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/clusters", get(list_clusters))
-        .route("/v1/tenants", get(tenancy::list).post(tenancy::create))
-        .route(
+        ),
+        ("/v1/functions/{name}/tasks", post(crate::tasks::submit)),
+        ("/v1/tasks", get(crate::tasks::list)),
+        ("/v1/tasks/{id}", get(crate::tasks::get)),
+        ("/v1/tasks/{id}/cancel", post(crate::tasks::cancel)),
+        ("/v1/packages/{sha256}", get(get_package)),
+        ("/v1/nodes", get(list_nodes)),
+        ("/v1/clusters", get(list_clusters)),
+        ("/v1/tenants", get(tenancy::list).post(tenancy::create)),
+        (
             "/v1/tenants/{id}",
             get(tenancy::get).delete(tenancy::delete),
-        )
-        .route("/v1/tenants/{id}/limits", put(tenancy::set_limits))
-        .route(
+        ),
+        ("/v1/tenants/{id}/limits", put(tenancy::set_limits)),
+        (
             "/v1/tenants/{id}/keys",
             get(tenancy::list_keys).post(tenancy::create_key),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{id}/keys/{key_id}",
             delete(tenancy::revoke_key),
-        )
+        ),
+    ]
+}
+
+/// Routes without a token: health, metrics and the API's description.
+fn open_routes() -> Routes {
+    vec![
+        ("/healthz", get(|| async { "ok" })),
+        ("/readyz", get(readyz)),
+        ("/metrics", get(metrics)),
+        (
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        ),
+    ]
+}
+
+/// Every path the gateway's router serves (native and open), as registered.
+pub fn served_paths() -> Vec<&'static str> {
+    native_routes()
+        .into_iter()
+        .chain(open_routes())
+        .map(|(p, _)| p)
+        .collect()
+}
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let v1 = native_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, m)| r.route(path, m))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    open_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, m)| r.route(path, m))
         .merge(v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

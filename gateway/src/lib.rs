@@ -23,9 +23,12 @@ pub mod error;
 mod idempotency;
 mod limits;
 mod metrics;
+pub mod openapi;
 mod routing;
 mod tasks;
 mod tenancy;
+
+pub use api::served_paths;
 
 /// A gateway's settings. (No `Debug`: it holds the token.)
 #[derive(Clone)]
