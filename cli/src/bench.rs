@@ -108,6 +108,7 @@ async fn invoke(b: InvokeBench, env: &Env) -> anyhow::Result<ExitCode> {
             data_dir: dir.path().to_path_buf(),
             token: token.clone(),
             nodes: 2,
+            tuning: Default::default(),
         })
         .await?;
         anyhow::ensure!(

@@ -322,33 +322,6 @@ async fn fetch_or_print(
     Ok(Some(v))
 }
 
-pub async fn nodes(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
-    let Some(v) = fetch_or_print(&a, env, "/v1/nodes", "nodes").await? else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    println!(
-        "{:<28} {:<10} {:<9} {:>9} {:>9} {:>6}  TAGS",
-        "NODE", "CLUSTER", "STATE", "CPU(m)", "MEM(MiB)", "SLOTS"
-    );
-    for n in v["nodes"].as_array().cloned().unwrap_or_default() {
-        let tags: Vec<&str> = n["tags"]
-            .as_array()
-            .map(|t| t.iter().filter_map(|x| x.as_str()).collect())
-            .unwrap_or_default();
-        println!(
-            "{:<28} {:<10} {:<9} {:>9} {:>9} {:>6}  {}",
-            n["id"].as_str().unwrap_or(""),
-            n["cluster"].as_str().unwrap_or(""),
-            n["state"].as_str().unwrap_or(""),
-            txt(&n["capacity"]["cpu_millis"]),
-            txt(&n["capacity"]["memory_mb"]),
-            txt(&n["capacity"]["slots"]),
-            tags.join(",")
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
 pub async fn clusters(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let Some(v) = fetch_or_print(&a, env, "/v1/clusters", "clusters").await? else {
         return Ok(ExitCode::SUCCESS);

@@ -66,6 +66,8 @@ pub async fn order_server(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         advertise: s.advertise.clone(),
         ..Default::default()
     };
+    let t = crate::settings::tuning(&s)?;
+    (cfg.suspect_after, cfg.dead_after, cfg.breaker) = (t.suspect_after, t.dead_after, t.breaker);
     if let Some(c) = s.cluster {
         cfg.cluster = c;
     }

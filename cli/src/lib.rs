@@ -14,6 +14,7 @@ pub mod alias;
 pub mod bench;
 pub mod client;
 pub mod components;
+pub mod nodes;
 pub mod settings;
 pub mod up;
 
@@ -54,8 +55,11 @@ pub enum Command {
     Functions(ClientArgs),
     /// List a function's versions.
     Versions(VersionsArgs),
-    /// List node agents.
+    /// List node agents: state, usage, running tasks, circuit breakers.
     Nodes(ClientArgs),
+    /// Drain, eject or restore a node.
+    #[command(subcommand)]
+    Node(nodes::NodeCommand),
     /// Show the routing table (clusters and their order-servers).
     Clusters(ClientArgs),
     /// Run a function folder locally through the runtime, without any server.
@@ -309,7 +313,8 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Cancel(a) => client::cancel(a, &env).await,
         Command::Functions(a) => client::functions(a, &env).await,
         Command::Versions(a) => client::versions(a, &env).await,
-        Command::Nodes(a) => client::nodes(a, &env).await,
+        Command::Nodes(a) => nodes::list(a, &env).await,
+        Command::Node(c) => nodes::admin(c, &env).await,
         Command::Clusters(a) => client::clusters(a, &env).await,
         Command::Run(a) => client::run_local(a).await,
         Command::Bench(b) => bench::run(b, &env).await,

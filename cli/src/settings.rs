@@ -27,6 +27,16 @@ pub struct FileConfig {
     pub memory_mb: Option<u64>,
     pub tags: Vec<String>,
     pub nodes: Option<u32>,
+    /// Order-server: silence before a node is suspect / dead.
+    pub suspect_after_ms: Option<u64>,
+    pub dead_after_ms: Option<u64>,
+    /// Order-server circuit breakers: failures in a row that eject, the first
+    /// ejection's length (the n-th lasts n times it), its cap, and the most of a pool
+    /// ejected at once (percent).
+    pub breaker_consecutive: Option<u32>,
+    pub breaker_ejection_ms: Option<u64>,
+    pub breaker_max_ejection_ms: Option<u64>,
+    pub breaker_max_ejected_percent: Option<u32>,
 }
 
 /// The first of flag, environment variable and file value that is set.
@@ -53,6 +63,7 @@ pub type Settings = FileConfig;
 
 pub fn resolve_serve(a: &ServeArgs, env: &Env) -> anyhow::Result<Settings> {
     let f: FileConfig = load_file(a.config.as_deref()).context("load the config file")?;
+    let sched = scheduler(env, &f)?;
     Ok(FileConfig {
         listen: pick(a.listen.clone(), env, "FERRY_LISTEN", f.listen)?,
         store: pick(a.store.clone(), env, "FERRY_STORE", f.store)?,
@@ -76,16 +87,92 @@ pub fn resolve_serve(a: &ServeArgs, env: &Env) -> anyhow::Result<Settings> {
             a.tags.clone()
         },
         nodes: None,
+        ..sched
     })
+}
+
+/// The order-server's tuning keys: environment over file (no flags: these are rarely
+/// changed, and a config file documents them better).
+fn scheduler(env: &Env, f: &FileConfig) -> anyhow::Result<FileConfig> {
+    Ok(FileConfig {
+        suspect_after_ms: pick(None, env, "FERRY_SUSPECT_AFTER_MS", f.suspect_after_ms)?,
+        dead_after_ms: pick(None, env, "FERRY_DEAD_AFTER_MS", f.dead_after_ms)?,
+        breaker_consecutive: pick(
+            None,
+            env,
+            "FERRY_BREAKER_CONSECUTIVE",
+            f.breaker_consecutive,
+        )?,
+        breaker_ejection_ms: pick(
+            None,
+            env,
+            "FERRY_BREAKER_EJECTION_MS",
+            f.breaker_ejection_ms,
+        )?,
+        breaker_max_ejection_ms: pick(
+            None,
+            env,
+            "FERRY_BREAKER_MAX_EJECTION_MS",
+            f.breaker_max_ejection_ms,
+        )?,
+        breaker_max_ejected_percent: pick(
+            None,
+            env,
+            "FERRY_BREAKER_MAX_EJECTED_PERCENT",
+            f.breaker_max_ejected_percent,
+        )?,
+        ..FileConfig::default()
+    })
+}
+
+/// The order-server's failure detection and breakers from resolved settings.
+pub fn tuning(s: &Settings) -> anyhow::Result<crate::up::Tuning> {
+    use std::time::Duration;
+    let mut t = crate::up::Tuning::default();
+    if let Some(ms) = s.suspect_after_ms {
+        t.suspect_after = Duration::from_millis(ms);
+    }
+    if let Some(ms) = s.dead_after_ms {
+        t.dead_after = Duration::from_millis(ms);
+    }
+    if t.suspect_after >= t.dead_after {
+        anyhow::bail!(
+            "suspect_after_ms ({}) must be less than dead_after_ms ({})",
+            t.suspect_after.as_millis(),
+            t.dead_after.as_millis()
+        );
+    }
+    if let Some(n) = s.breaker_consecutive {
+        anyhow::ensure!(n >= 1, "breaker_consecutive must be at least 1");
+        t.breaker.consecutive = n;
+    }
+    if let Some(ms) = s.breaker_ejection_ms {
+        t.breaker.base_ejection = Duration::from_millis(ms);
+    }
+    if let Some(ms) = s.breaker_max_ejection_ms {
+        t.breaker.max_ejection = Duration::from_millis(ms);
+    }
+    if let Some(p) = s.breaker_max_ejected_percent {
+        anyhow::ensure!(p <= 100, "breaker_max_ejected_percent must be 0..=100");
+        t.breaker.max_ejected_share = f64::from(p) / 100.0;
+    }
+    Ok(t)
 }
 
 pub fn resolve_up(a: &UpArgs, env: &Env) -> anyhow::Result<Settings> {
     let f: FileConfig = load_file(a.config.as_deref()).context("load the config file")?;
+    let sched = scheduler(env, &f)?;
     Ok(FileConfig {
         listen: pick(a.listen.clone(), env, "FERRY_LISTEN", f.listen)?,
         token: pick(a.token.clone(), env, "FERRY_TOKEN", f.token)?,
         data_dir: pick(a.data_dir.clone(), env, "FERRY_DATA_DIR", f.data_dir)?,
         nodes: pick(a.nodes, env, "FERRY_NODES", f.nodes)?,
+        suspect_after_ms: sched.suspect_after_ms,
+        dead_after_ms: sched.dead_after_ms,
+        breaker_consecutive: sched.breaker_consecutive,
+        breaker_ejection_ms: sched.breaker_ejection_ms,
+        breaker_max_ejection_ms: sched.breaker_max_ejection_ms,
+        breaker_max_ejected_percent: sched.breaker_max_ejected_percent,
         ..f
     })
 }

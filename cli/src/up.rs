@@ -20,6 +20,27 @@ pub struct UpConfig {
     pub data_dir: PathBuf,
     pub token: String,
     pub nodes: u32,
+    /// Failure detection and circuit breaking of the order-server.
+    pub tuning: Tuning,
+}
+
+/// The order-server's failure-detection and circuit-breaker settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    pub suspect_after: std::time::Duration,
+    pub dead_after: std::time::Duration,
+    pub breaker: ferry_order_server::BreakerConfig,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        let d = ferry_order_server::Config::default();
+        Self {
+            suspect_after: d.suspect_after,
+            dead_after: d.dead_after,
+            breaker: d.breaker,
+        }
+    }
 }
 
 /// A whole Ferry in one process.
@@ -49,6 +70,9 @@ impl Cluster {
             ferry_order_server::Config {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 token: cfg.token.clone(),
+                suspect_after: cfg.tuning.suspect_after,
+                dead_after: cfg.tuning.dead_after,
+                breaker: cfg.tuning.breaker,
                 ..Default::default()
             },
             store.clone(),
@@ -186,6 +210,7 @@ pub fn load_or_create_token(data_dir: &Path, given: Option<String>) -> anyhow::R
 
 pub async fn run(args: UpArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let s = resolve_up(&args, env)?;
+    let tuning = crate::settings::tuning(&s)?;
     let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from(".ferry"));
     let listen = socket_addr(s.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
     let token = load_or_create_token(&data_dir, s.token)?;
@@ -195,6 +220,7 @@ pub async fn run(args: UpArgs, env: &Env) -> anyhow::Result<ExitCode> {
         data_dir: data_dir.clone(),
         token: token.clone(),
         nodes,
+        tuning,
     })
     .await?;
     cluster

@@ -108,7 +108,7 @@ async fn separate_processes_on_etcd_answer_100_invocations() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|n| n["state"] == "attached")
+        .filter(|n| n["recorded"] == "attached" && n["state"] == "ready")
         .count();
     assert_eq!(attached, 2, "{nodes}");
 

@@ -89,7 +89,7 @@ async fn a_thousand_tasks_survive_kills_and_a_paused_order_server() {
         client.get_json("/v1/nodes").await.is_ok_and(|v| {
             v["nodes"]
                 .as_array()
-                .is_some_and(|n| n.iter().filter(|n| n["state"] == "attached").count() == 3)
+                .is_some_and(|n| n.iter().filter(|n| n["recorded"] == "attached").count() == 3)
         })
     })
     .await;
@@ -226,4 +226,132 @@ async fn a_thousand_tasks_survive_kills_and_a_paused_order_server() {
         "nothing left marked running"
     );
     drop(os_b.child.kill());
+}
+
+/// A node agent paused (SIGSTOP) while it runs a task: the order-server stops placing
+/// on it once it is suspect (3 s of silence), declares it dead at 5 s and runs the task
+/// elsewhere; when the node wakes up, its late result for the old attempt changes
+/// nothing, and it attaches again as a healthy node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_is_suspect_then_dead_and_its_task_runs_elsewhere() {
+    let etcd = ferry_store::testing::EtcdServer::start().expect("start etcd");
+    let store = etcd.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let gw = format!("127.0.0.1:{}", free_port());
+    let _scheduler = component("cluster-scheduler", &store, &[]);
+    let _gateway = component(
+        "gateway",
+        &store,
+        &["--listen", &gw, "--data-dir", &d("gw")],
+    );
+    let _os = component("order-server", &store, &["--listen", "127.0.0.1:0"]);
+    let nodes: Vec<Proc> = (1..=2)
+        .map(|i| {
+            component(
+                "order-client",
+                &store,
+                &["--id", &format!("n{i}"), "--data-dir", &d(&format!("n{i}"))],
+            )
+        })
+        .collect();
+    let client = Client::new(format!("http://{gw}"), Some(TOKEN.into()));
+    let node_states = || async {
+        client
+            .get_json("/v1/nodes")
+            .await
+            .map(|v| v["nodes"].as_array().cloned().unwrap_or_default())
+            .unwrap_or_default()
+    };
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            node_states()
+                .await
+                .iter()
+                .filter(|n| n["state"] == "ready")
+                .count()
+                == 2
+        })
+        .await,
+        "two nodes attach"
+    );
+    let pkg = common::native_package(
+        "slow",
+        "#!/bin/sh\nsleep 2\nprintf done\n",
+        "[limits]\ntimeout_ms = 20000\n",
+    );
+    client.deploy("slow", pkg).await.expect("deploy");
+    let id = client
+        .submit("slow", b"{}".to_vec(), &SubmitOptions::default())
+        .await
+        .unwrap();
+    let mut first_node = String::new();
+    for _ in 0..100 {
+        let t = client.task(&id).await.unwrap();
+        if t["state"] == "running" {
+            first_node = t["attempts"][0]["node"].as_str().unwrap().to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!first_node.is_empty(), "the task starts");
+    let idx: usize = if first_node == "n1" { 0 } else { 1 };
+    let paused_at = Instant::now();
+    signal(&nodes[idx], "-STOP");
+
+    // Suspect first (no new work), then dead: gone from the live view, recorded dead.
+    let mut suspect_after = None;
+    let mut dead_after = None;
+    for _ in 0..200 {
+        let list = node_states().await;
+        let me = list.iter().find(|n| n["id"] == first_node.as_str());
+        if suspect_after.is_none() && me.is_some_and(|n| n["state"] == "suspect") {
+            suspect_after = Some(paused_at.elapsed());
+        }
+        if me.is_some_and(|n| n["recorded"] == "dead" && n.get("breaker").is_none()) {
+            dead_after = Some(paused_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let detected = dead_after.is_some();
+    assert!(detected, "the paused node is declared dead");
+    assert!(suspect_after.is_some(), "it was suspect before it was dead");
+    let t = client.wait(&id, Duration::from_secs(30)).await.unwrap();
+    let ran_again_after = paused_at.elapsed();
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(
+        t["output_base64"], "ZG9uZQ==",
+        "the output is \"done\": {t}"
+    );
+    let last = t["attempts"].as_array().unwrap().last().unwrap().clone();
+    assert_ne!(last["node"], first_node.as_str(), "{t}");
+    let attempts = t["attempts"].as_array().unwrap();
+    let replaced_ms = attempts[1]["started_ms"].as_u64().unwrap() as i64
+        - attempts[0]["finished_ms"].as_u64().unwrap() as i64;
+    println!(
+        "paused {first_node}: suspect after {:?}, dead after {:?}, re-placed {replaced_ms} ms after the failover, task done elsewhere after {ran_again_after:?}",
+        suspect_after.unwrap(),
+        dead_after.unwrap()
+    );
+
+    // The node wakes up: it attaches again and its stale result changes nothing.
+    signal(&nodes[idx], "-CONT");
+    assert!(
+        common::eventually(Duration::from_secs(20), || async {
+            node_states()
+                .await
+                .iter()
+                .any(|n| n["id"] == first_node.as_str() && n["state"] == "ready")
+        })
+        .await,
+        "the node comes back"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let again = client.task(&id).await.unwrap();
+    assert_eq!(
+        again["attempts"], t["attempts"],
+        "the late result changed nothing"
+    );
+    assert_eq!(again["state"], "succeeded");
 }

@@ -55,6 +55,15 @@ pub fn node(cluster: &str, id: &str) -> String {
     format!("{NODES}{cluster}/{id}")
 }
 
+/// `NodeAdminRecord` per node an operator drained, ejected or restored.
+pub const NODE_ADMIN: &str = "/ferry/node-admin/";
+pub fn node_admin_of(cluster: &str) -> String {
+    format!("{NODE_ADMIN}{cluster}/")
+}
+pub fn node_admin(cluster: &str, id: &str) -> String {
+    format!("{NODE_ADMIN}{cluster}/{id}")
+}
+
 /// The routing table the cluster-scheduler publishes and every gateway watches.
 pub const ROUTING: &str = "/ferry/routing";
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::package::{Kind, Limits};
+use crate::package::{Kind, Limits, Resources};
 use crate::proto;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +26,8 @@ pub struct VersionRecord {
     pub size: u64,
     pub kind: Kind,
     pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
     #[serde(default)]
     pub retry: crate::task::RetryPolicy,
     pub created_ms: u64,
@@ -43,6 +45,10 @@ impl VersionRecord {
             timeout_ms: self.limits.timeout_ms,
             cpu_millis: self.limits.cpu_millis,
             package_size: self.size,
+            gpus: self.resources.gpus,
+            fpga_slots: self.resources.fpga_slots,
+            required_tags: self.resources.required_tags.clone(),
+            preferred_tags: self.resources.preferred_tags.clone(),
         }
     }
 }
@@ -96,11 +102,50 @@ impl From<Capacity> for proto::Resources {
     }
 }
 
+/// A node's state as recorded in the store (transitions only; heartbeats stay in memory).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeState {
     Attached,
+    /// Silent past the suspect threshold: no new work, not yet failed over.
+    Suspect,
+    /// Its circuit breaker is open: no new work until a probe succeeds.
+    Ejected,
     Dead,
+}
+
+/// What an operator set for a node (`ferry node drain|eject|restore`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeAdmin {
+    /// Normal placement (a restore also closes the node's circuit breakers).
+    #[default]
+    Active,
+    /// No new work; running work finishes.
+    Draining,
+    /// Taken out by hand: no new work until restored.
+    Ejected,
+}
+
+impl NodeAdmin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeAdmin::Active => "active",
+            NodeAdmin::Draining => "draining",
+            NodeAdmin::Ejected => "ejected",
+        }
+    }
+}
+
+/// `/ferry/node-admin/{cluster}/{node}`: the operator's word on a node; it outlives the
+/// node's attachments.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAdminRecord {
+    pub node: String,
+    pub state: NodeAdmin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub since_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -68,6 +68,26 @@ impl Default for Limits {
     }
 }
 
+/// What a function needs from the node beyond CPU and memory (`[resources]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resources {
+    /// Whole GPUs reserved for one invocation (made visible to it alone).
+    pub gpus: u32,
+    /// FPGA slots reserved for one invocation.
+    pub fpga_slots: u32,
+    /// Tags a node must carry to run it (e.g. `gpu`, `nvenc`).
+    pub required_tags: Vec<String>,
+    /// Tags that make a node preferable when several fit (e.g. `nvenc`).
+    pub preferred_tags: Vec<String>,
+}
+
+impl Resources {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// How `ferry deploy` assembles the package from a source folder. Ignored by servers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,6 +115,8 @@ pub struct Manifest {
     pub entrypoint: Vec<String>,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Resources::is_empty")]
+    pub resources: Resources,
     /// Async tasks: attempts, backoff, maximum age.
     #[serde(default)]
     pub retry: crate::task::RetryPolicy,
@@ -151,6 +173,22 @@ impl Manifest {
         }
         if !(1..=1_024_000).contains(&l.cpu_millis) {
             return bad("ferry.toml: limits.cpu_millis must be 1..=1024000".into());
+        }
+        let r = &self.resources;
+        if r.gpus > 64 || r.fpga_slots > 64 {
+            return bad(
+                "ferry.toml: resources.gpus and resources.fpga_slots must be 0..=64".into(),
+            );
+        }
+        for t in r.required_tags.iter().chain(&r.preferred_tags) {
+            let ok = (1..=63).contains(&t.len())
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if !ok {
+                return bad(format!(
+                    "ferry.toml: tag {t:?} must be 1-63 letters, digits, '-', '_' or '.'"
+                ));
+            }
         }
         if !(1..=100).contains(&self.retry.max_attempts) {
             return bad("ferry.toml: retry.max_attempts must be 1..=100".into());

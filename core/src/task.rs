@@ -279,7 +279,14 @@ pub fn after_attempt(task: &TaskRecord, end: AttemptEnd, now_ms: u64, jitter: f6
         }
         AttemptEnd::PlatformFailure => (task.platform_failures + 1, MAX_PLATFORM_FAILURES),
     };
-    let delay = task.retry.delay_ms(used, jitter);
+    // A platform failure (its node died, its order-server was lost) is not the task's
+    // doing: the first one re-queues it at once, so failover costs no backoff. Repeats
+    // back off, in case the task itself is what brings nodes down.
+    let delay = if end == AttemptEnd::PlatformFailure && used == 1 {
+        0
+    } else {
+        task.retry.delay_ms(used, jitter)
+    };
     let too_old =
         now_ms.saturating_add(delay).saturating_sub(task.created_ms) > task.retry.max_age_ms;
     if used < budget && !too_old {
@@ -346,6 +353,7 @@ mod tests {
             size: 1,
             kind: Kind::Wasm,
             limits: Limits::default(),
+            resources: Default::default(),
             retry: RetryPolicy::default(),
             created_ms: 0,
         };
@@ -417,9 +425,15 @@ mod tests {
     fn platform_failures_do_not_use_the_functions_budget() {
         let mut t = task(3);
         t.platform_failures = 0;
+        assert_eq!(
+            after_attempt(&t, AttemptEnd::PlatformFailure, 10, 0.5),
+            Next::Retry { not_before_ms: 10 },
+            "a first platform failure (a lost node) is re-queued at once"
+        );
+        t.platform_failures = 1;
         assert!(matches!(
             after_attempt(&t, AttemptEnd::PlatformFailure, 10, 0.5),
-            Next::Retry { .. }
+            Next::Retry { not_before_ms } if not_before_ms > 10
         ));
         t.platform_failures = MAX_PLATFORM_FAILURES - 1;
         assert_eq!(

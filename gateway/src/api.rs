@@ -10,7 +10,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, post, put};
 use axum::{Json, Router};
-use ferry_core::model::{FunctionRecord, NodeRecord, PackageRecord, VersionRecord};
+use ferry_core::model::{FunctionRecord, PackageRecord, VersionRecord};
 use ferry_core::proto::Outcome;
 use ferry_core::{Error, ErrorCode, keys};
 use ferry_store::{Compare, Op, Txn};
@@ -56,7 +56,14 @@ fn native_routes() -> Routes {
         ("/v1/tasks/{id}", get(crate::tasks::get)),
         ("/v1/tasks/{id}/cancel", post(crate::tasks::cancel)),
         ("/v1/packages/{sha256}", get(get_package)),
-        ("/v1/nodes", get(list_nodes)),
+        (
+            "/v1/nodes",
+            get(crate::nodes::list).route_layer(middleware::from_fn(admin_only)),
+        ),
+        (
+            "/v1/nodes/{id}/{action}",
+            post(crate::nodes::admin).route_layer(middleware::from_fn(admin_only)),
+        ),
         ("/v1/clusters", get(list_clusters)),
         ("/v1/tenants", get(tenancy::list).post(tenancy::create)),
         (
@@ -190,6 +197,16 @@ async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
         };
     req.extensions_mut().insert(principal);
     next.run(req).await
+}
+
+/// For handlers that do not take the [`Principal`]: refuses tenant keys.
+async fn admin_only(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Principal>() {
+        Some(Principal::Admin) => next.run(req).await,
+        _ => {
+            ApiError::new(ErrorCode::Forbidden, "this route needs the admin token").into_response()
+        }
+    }
 }
 
 async fn readyz(State(st): St) -> Response {
@@ -491,6 +508,7 @@ async fn upload_version(
             size: bytes.len() as u64,
             kind: manifest.kind,
             limits: manifest.limits,
+            resources: manifest.resources.clone(),
             retry: manifest.retry,
             created_ms: now,
         };
@@ -782,17 +800,6 @@ async fn get_package(State(st): St, who: Who, Path(sha): Path<String>) -> ApiRes
         body,
     )
         .into_response())
-}
-
-async fn list_nodes(State(st): St, who: Who) -> ApiResult<Json<serde_json::Value>> {
-    who.require_admin()?;
-    let r = st.store.range(keys::NODES).await?;
-    let nodes: Vec<NodeRecord> = r
-        .kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .collect();
-    Ok(Json(json!({ "nodes": nodes })))
 }
 
 async fn list_clusters(State(st): St, who: Who) -> ApiResult<Json<serde_json::Value>> {

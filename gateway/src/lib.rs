@@ -23,6 +23,7 @@ pub mod error;
 mod idempotency;
 mod limits;
 mod metrics;
+mod nodes;
 pub mod openapi;
 mod routing;
 mod tasks;

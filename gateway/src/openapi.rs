@@ -194,6 +194,9 @@ pub fn document() -> Value {
             "/v1/nodes": {
                 "get": op("Node agents (admin token)", vec![], None, "200", "{nodes: [...]}"),
             },
+            "/v1/nodes/{id}/{action}": {
+                "post": op("Drain, eject or restore a node (admin token)", vec![param("id", "path", "node id"), param("action", "path", "drain, eject or restore")], None, "200", "the node's admin state"),
+            },
             "/v1/clusters": {
                 "get": op("The routing table (admin token)", vec![], None, "200", "{clusters: [...]}"),
             },

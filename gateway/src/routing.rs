@@ -139,6 +139,46 @@ impl Router {
         Ok(client)
     }
 
+    /// The live state of every node, asked of every order-server in the table at once
+    /// (an instance that does not answer within `timeout` is skipped): (cluster,
+    /// order-server id, node).
+    pub async fn live_nodes(
+        &self,
+        timeout: Duration,
+    ) -> Vec<(String, String, ferry_core::proto::NodeStatus)> {
+        let table = self.table();
+        let mut calls = vec![];
+        for c in &table.clusters {
+            for s in &c.order_servers {
+                let Ok(mut client) = self.client(&s.addr) else {
+                    continue;
+                };
+                let mut req = tonic::Request::new(ferry_core::proto::NodesRequest {});
+                req.set_timeout(timeout);
+                req.metadata_mut()
+                    .insert(ferry_core::AUTH_METADATA, self.bearer.clone());
+                let cluster = c.name.clone();
+                calls.push(async move {
+                    match tokio::time::timeout(timeout, client.nodes(req)).await {
+                        Ok(Ok(r)) => {
+                            let r = r.into_inner();
+                            r.nodes
+                                .into_iter()
+                                .map(|n| (cluster.clone(), r.server_id.clone(), n))
+                                .collect()
+                        }
+                        _ => vec![],
+                    }
+                });
+            }
+        }
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Runs a synchronous invocation on some order-server, trying the next one when an
     /// instance is unreachable or has no room.
     pub async fn invoke(

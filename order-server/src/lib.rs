@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use ferry_store::Store;
 
+pub mod breaker;
 pub mod placement;
 mod registry;
 mod service;
 mod tasks;
 
+pub use breaker::BreakerConfig;
 pub use service::OrderService;
 
 /// An order-server instance's settings.
@@ -33,8 +35,12 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Interval node agents are told to heartbeat at.
     pub heartbeat: Duration,
+    /// Silence after which a node gets no new work (suspect).
+    pub suspect_after: Duration,
     /// Silence after which a node is dead and its work fails over.
     pub dead_after: Duration,
+    /// Circuit-breaker thresholds (per node and per node × function).
+    pub breaker: BreakerConfig,
     /// TTL of the instance's registration lease.
     pub lease_ttl: Duration,
     /// Time allowed on top of a function's timeout for fetching and compiling.
@@ -55,7 +61,9 @@ impl Default for Config {
             token: String::new(),
             advertise: None,
             heartbeat: Duration::from_secs(1),
+            suspect_after: Duration::from_secs(3),
             dead_after: Duration::from_secs(5),
+            breaker: BreakerConfig::default(),
             lease_ttl: Duration::from_secs(10),
             assignment_grace: Duration::from_secs(30),
             steal_after: Duration::from_secs(2),

@@ -24,8 +24,25 @@ pub struct Need {
     pub cpu_millis: u64,
     pub memory_mb: u64,
     pub gpus: u32,
+    pub fpga_slots: u32,
     /// Tags a node must carry (e.g. "gpu").
     pub required_tags: Vec<String>,
+    /// Tags that make a node preferable among those that fit.
+    pub preferred_tags: Vec<String>,
+}
+
+impl Need {
+    /// What one invocation of a function version needs.
+    pub fn of(spec: &ferry_core::proto::FunctionSpec) -> Self {
+        Self {
+            cpu_millis: spec.cpu_millis,
+            memory_mb: spec.memory_mb,
+            gpus: spec.gpus,
+            fpga_slots: spec.fpga_slots,
+            required_tags: spec.required_tags.clone(),
+            preferred_tags: spec.preferred_tags.clone(),
+        }
+    }
 }
 
 impl NodeView {
@@ -37,7 +54,16 @@ impl NodeView {
             && u.cpu_millis.saturating_add(need.cpu_millis) <= c.cpu_millis
             && u.memory_mb.saturating_add(need.memory_mb) <= c.memory_mb
             && u.gpus.saturating_add(need.gpus) <= c.gpus
+            && u.fpga_slots.saturating_add(need.fpga_slots) <= c.fpga_slots
             && need.required_tags.iter().all(|t| self.tags.contains(t))
+    }
+
+    /// How many of the task's preferred tags this node carries.
+    fn preferred(&self, need: &Need) -> usize {
+        need.preferred_tags
+            .iter()
+            .filter(|t| self.tags.contains(t))
+            .count()
     }
 
     /// Share of the node's CPU and slots in use after placing `need`, in 1/1000.
@@ -49,16 +75,17 @@ impl NodeView {
 }
 
 /// Picks the node for a task, or `None` when no node can take it. Among the nodes that
-/// fit it prefers, in order: one that already holds the package, the least loaded one
-/// (spreading work), then the smallest id (determinism).
+/// fit it prefers, in order: the most preferred tags, one that already holds the
+/// package, the least loaded one (spreading work), then the smallest id (determinism).
 pub fn place(nodes: &[NodeView], need: &Need) -> Option<usize> {
     nodes
         .iter()
         .enumerate()
         .filter(|(_, n)| n.fits(need))
         .min_by(|(_, a), (_, b)| {
-            b.has_package
-                .cmp(&a.has_package)
+            b.preferred(need)
+                .cmp(&a.preferred(need))
+                .then(b.has_package.cmp(&a.has_package))
                 .then(a.load_after(need).cmp(&b.load_after(need)))
                 .then(a.id.cmp(&b.id))
         })
@@ -136,6 +163,33 @@ mod tests {
         let mut busy = nodes.clone();
         busy[1].used.gpus = 1;
         assert_eq!(place(&busy, &n), None);
+    }
+
+    #[test]
+    fn preferred_tags_win_over_a_cached_package_and_fpga_slots_are_counted() {
+        let mut plain = node("a", 4000, 0);
+        plain.has_package = true;
+        let mut nvenc = node("b", 4000, 3000);
+        nvenc.tags.push("nvenc".into());
+        let nodes = vec![plain, nvenc];
+        let n = Need {
+            preferred_tags: vec!["nvenc".into()],
+            ..need(100)
+        };
+        assert_eq!(place(&nodes, &n), Some(1));
+        // Preferred, not required: with the tagged node full, the other one runs it.
+        let mut full = nodes.clone();
+        full[1].used.cpu_millis = 4000;
+        assert_eq!(place(&full, &n), Some(0));
+
+        let fpga = Need {
+            fpga_slots: 1,
+            ..need(100)
+        };
+        assert_eq!(place(&nodes, &fpga), None);
+        let mut with_fpga = nodes.clone();
+        with_fpga[0].capacity.fpga_slots = 2;
+        assert_eq!(place(&with_fpga, &fpga), Some(0));
     }
 
     /// Properties over random clusters: a chosen node always fits; `None` only when no

@@ -1,14 +1,18 @@
-//! The in-memory table of nodes attached to this instance, with their reservations.
-//! One lock guards it; every operation is short and does no I/O.
+//! The in-memory table of nodes attached to this instance, with their reservations,
+//! circuit breakers and the operator's settings. One lock guards it; every operation is
+//! short and does no I/O. Breaker transitions are sent out as [`NodeEvent`]s for the
+//! service to log and record.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use ferry_core::model::Capacity;
-use ferry_core::proto::{Outcome, ServerMessage, TaskResult};
+use ferry_core::model::{Capacity, NodeAdmin};
+use ferry_core::proto::{self, Outcome, ServerMessage, TaskResult};
+use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::breaker::{Admission, Breaker, BreakerConfig, State, Transition};
 use crate::placement::{self, Need, NodeView};
 
 pub type Outbound = mpsc::Sender<Result<ServerMessage, tonic::Status>>;
@@ -19,9 +23,51 @@ pub enum Reply {
     Done(TaskResult),
 }
 
+/// Settings of the node table.
+#[derive(Clone, Copy, Debug)]
+pub struct RegistryConfig {
+    /// Silence after which a node gets no new work (it is dead later, at `dead_after`).
+    pub suspect_after: Duration,
+    pub breaker: BreakerConfig,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            suspect_after: Duration::from_secs(3),
+            breaker: BreakerConfig::default(),
+        }
+    }
+}
+
+/// A breaker transition, for the service to log, count and record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// `function`: `None` for the node's own breaker.
+    Ejected {
+        node: String,
+        function: Option<String>,
+        for_ms: u64,
+        ejections: u32,
+    },
+    Restored {
+        node: String,
+        function: Option<String>,
+    },
+    /// A threshold was crossed but the pool's ejection budget was spent.
+    Spared {
+        node: String,
+        function: Option<String>,
+    },
+}
+
 struct Pending {
     sha: String,
+    function: String,
     reserved: Capacity,
+    /// This placement is the half-open probe of the node's / the function's breaker.
+    probe_node: bool,
+    probe_function: bool,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -29,9 +75,10 @@ pub struct NodeEntry {
     pub conn: u64,
     pub capacity: Capacity,
     pub tags: Vec<String>,
+    pub labels: BTreeMap<String, String>,
     pub tx: Outbound,
     pub last_seen: Instant,
-    /// Store revision of this attachment's NodeRecord (fencing for the detach write).
+    /// Store revision of this attachment's NodeRecord (fencing for later writes).
     pub attach_rev: i64,
     used: Capacity,
     /// What the node said it uses in its last heartbeat (it may run work this
@@ -39,8 +86,21 @@ pub struct NodeEntry {
     reported: Capacity,
     /// Set by a reject: the node is full in its own eyes until it heartbeats again.
     full: bool,
+    /// Marked suspect (silent past `suspect_after`) and not heard from since.
+    pub suspect: bool,
     packages: HashSet<String>,
     pending: HashMap<String, Pending>,
+    breaker: Breaker,
+    fn_breakers: HashMap<String, Breaker>,
+}
+
+impl NodeEntry {
+    /// Nodes of one pool share their tags (their resource class).
+    fn pool(&self) -> String {
+        let mut t = self.tags.clone();
+        t.sort();
+        t.join(",")
+    }
 }
 
 /// A placed task: where it went and how to hear back.
@@ -51,8 +111,22 @@ pub struct Placed {
 }
 
 #[derive(Default)]
+struct Table {
+    nodes: HashMap<String, NodeEntry>,
+    /// The operator's settings by node id (absent: active).
+    admin: HashMap<String, NodeAdmin>,
+}
+
 pub struct Registry {
-    inner: Mutex<HashMap<String, NodeEntry>>,
+    cfg: RegistryConfig,
+    inner: Mutex<Table>,
+    events: Option<mpsc::UnboundedSender<NodeEvent>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new(RegistryConfig::default(), None)
+    }
 }
 
 fn sub(a: &mut Capacity, b: &Capacity) {
@@ -81,42 +155,98 @@ fn max(a: &Capacity, b: &Capacity) -> Capacity {
     }
 }
 
+/// How an outcome counts: (for the node's breaker, for the node × function breaker),
+/// each `Some(failed)` or `None` (says nothing). The node's own breaker only hears of
+/// platform failures: a function's error, or its running past its timeout, is the
+/// function's (on this node), not the node's.
+fn verdicts(outcome: Outcome) -> (Option<bool>, Option<bool>) {
+    match outcome {
+        Outcome::Succeeded => (Some(false), Some(false)),
+        Outcome::FunctionError | Outcome::TimedOut => (Some(false), Some(true)),
+        Outcome::Failed => (Some(true), Some(true)),
+        Outcome::Cancelled | Outcome::Unspecified => (None, None),
+    }
+}
+
+fn breaker_status(function: &str, b: &Breaker, now: Instant) -> proto::BreakerStatus {
+    let (state, left) = match b.state() {
+        State::Closed => ("closed", 0),
+        State::Open { until } if now < until => ("open", (until - now).as_millis() as u64),
+        State::Open { .. } | State::HalfOpen { .. } => ("half-open", 0),
+    };
+    proto::BreakerStatus {
+        function: function.to_string(),
+        state: state.into(),
+        ejections: b.ejections(),
+        ejected_for_ms: left,
+        consecutive_failures: b.consecutive_failures(),
+    }
+}
+
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, NodeEntry>> {
+    pub fn new(cfg: RegistryConfig, events: Option<mpsc::UnboundedSender<NodeEvent>>) -> Self {
+        Self {
+            cfg,
+            inner: Mutex::new(Table::default()),
+            events,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // A poisoned lock only means a panic elsewhere; the table itself stays consistent
         // because every mutation below completes without panicking.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds (or replaces) a node; a replaced attachment's pending tasks fail over.
+    fn emit(&self, ev: NodeEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(ev);
+        }
+    }
+
+    /// Adds (or replaces) a node; a replaced attachment's pending tasks fail over. The
+    /// breakers of a node that re-attaches here carry over: reconnecting does not
+    /// shorten an ejection.
+    #[allow(clippy::too_many_arguments)]
     pub fn attach(
         &self,
         id: &str,
         conn: u64,
         capacity: Capacity,
         tags: Vec<String>,
+        labels: BTreeMap<String, String>,
         packages: Vec<String>,
         tx: Outbound,
     ) {
+        let now = Instant::now();
+        let mut t = self.lock();
+        let (breaker, fn_breakers) = match t.nodes.remove(id) {
+            Some(old) => (old.breaker, old.fn_breakers),
+            None => (Breaker::new(now), HashMap::new()),
+        };
         let entry = NodeEntry {
             conn,
             capacity,
             tags,
+            labels,
             tx,
-            last_seen: Instant::now(),
+            last_seen: now,
             attach_rev: 0,
             used: Capacity::default(),
             reported: Capacity::default(),
             full: false,
+            suspect: false,
             packages: packages.into_iter().collect(),
             pending: HashMap::new(),
+            breaker,
+            fn_breakers,
         };
-        self.lock().insert(id.to_string(), entry);
+        t.nodes.insert(id.to_string(), entry);
     }
 
     /// Returns false when that attachment is already gone.
     pub fn set_attach_rev(&self, id: &str, conn: u64, rev: i64) -> bool {
-        match self.lock().get_mut(id).filter(|n| n.conn == conn) {
+        match self.lock().nodes.get_mut(id).filter(|n| n.conn == conn) {
             Some(n) => {
                 n.attach_rev = rev;
                 true
@@ -125,73 +255,140 @@ impl Registry {
         }
     }
 
+    /// The attachment and its record's revision, for a fenced write.
+    pub fn attach_rev(&self, id: &str) -> Option<(u64, i64)> {
+        self.lock().nodes.get(id).map(|n| (n.conn, n.attach_rev))
+    }
+
     /// Removes the node if `conn` is still its attachment; returns its attach revision.
     pub fn detach(&self, id: &str, conn: u64) -> Option<i64> {
-        let mut map = self.lock();
-        if map.get(id).is_some_and(|n| n.conn == conn) {
+        let mut t = self.lock();
+        if t.nodes.get(id).is_some_and(|n| n.conn == conn) {
             // Dropping the pending senders tells every waiting caller the node is lost.
-            map.remove(id).map(|n| n.attach_rev)
+            t.nodes.remove(id).map(|n| n.attach_rev)
         } else {
             None
         }
     }
 
-    pub fn heartbeat(&self, id: &str, conn: u64, reported: Option<Capacity>) {
-        if let Some(n) = self.lock().get_mut(id).filter(|n| n.conn == conn) {
-            n.last_seen = Instant::now();
-            if let Some(r) = reported {
-                n.reported = r;
-                n.full = false;
-            }
+    /// Returns true when the node was suspect and is back.
+    pub fn heartbeat(&self, id: &str, conn: u64, reported: Option<Capacity>) -> bool {
+        let mut t = self.lock();
+        let Some(n) = t.nodes.get_mut(id).filter(|n| n.conn == conn) else {
+            return false;
+        };
+        n.last_seen = Instant::now();
+        if let Some(r) = reported {
+            n.reported = r;
+            n.full = false;
         }
+        std::mem::take(&mut n.suspect)
     }
 
     /// Nodes silent for longer than `dead_after`: (id, conn, tx).
-    pub fn silent(&self, dead_after: std::time::Duration) -> Vec<(String, u64, Outbound)> {
+    pub fn silent(&self, dead_after: Duration) -> Vec<(String, u64, Outbound)> {
         let now = Instant::now();
         self.lock()
+            .nodes
             .iter()
             .filter(|(_, n)| now.duration_since(n.last_seen) > dead_after)
             .map(|(id, n)| (id.clone(), n.conn, n.tx.clone()))
             .collect()
     }
 
+    /// Marks nodes silent past `suspect_after` as suspect; returns the newly suspect.
+    pub fn mark_suspects(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut t = self.lock();
+        let mut out = vec![];
+        for (id, n) in t.nodes.iter_mut() {
+            if !n.suspect && now.duration_since(n.last_seen) > self.cfg.suspect_after {
+                n.suspect = true;
+                out.push(id.clone());
+            }
+        }
+        out
+    }
+
+    /// Applies the operator's settings (the whole set; absent nodes are active). A node
+    /// moving back to active has its breakers closed.
+    pub fn set_admin(&self, admin: HashMap<String, NodeAdmin>, restored: &[String]) {
+        let now = Instant::now();
+        let mut t = self.lock();
+        for id in restored {
+            if let Some(n) = t.nodes.get_mut(id) {
+                n.breaker.reset(now);
+                n.fn_breakers.clear();
+            }
+        }
+        t.admin = admin;
+    }
+
     /// Chooses a node with [`placement::place`] and reserves the task's needs on it.
+    /// Suspect, ejected, drained and manually ejected nodes get nothing; a node whose
+    /// breaker (its own, or the one for this function) is half-open gets this task as
+    /// its single probe.
     pub fn place(
         &self,
         task_id: &str,
         sha: &str,
+        function: &str,
         need: &Need,
         exclude: &HashSet<String>,
     ) -> Option<Placed> {
-        let mut map = self.lock();
-        let ids: Vec<&String> = map.keys().filter(|id| !exclude.contains(*id)).collect();
+        let now = Instant::now();
+        let mut t = self.lock();
+        let table = &mut *t;
+        let ids: Vec<&String> = table
+            .nodes
+            .keys()
+            .filter(|id| !exclude.contains(*id))
+            .collect();
         let views: Vec<NodeView> = ids
             .iter()
             .map(|id| {
-                let n = &map[*id];
+                let n = &table.nodes[*id];
                 let mut used = max(&n.used, &n.reported);
                 if n.full {
                     used.slots = n.capacity.slots;
                 }
+                let admin = table.admin.get(*id).copied().unwrap_or_default();
+                let fn_ok = n
+                    .fn_breakers
+                    .get(function)
+                    .is_none_or(|b| b.admission(now) != Admission::Deny);
                 NodeView {
                     id: (*id).clone(),
                     capacity: n.capacity,
                     used,
                     tags: n.tags.clone(),
                     has_package: n.packages.contains(sha),
-                    schedulable: true,
+                    schedulable: admin == NodeAdmin::Active
+                        && now.duration_since(n.last_seen) <= self.cfg.suspect_after
+                        && n.breaker.admission(now) != Admission::Deny
+                        && fn_ok,
                 }
             })
             .collect();
         let chosen = placement::place(&views, need)?;
         let node_id = views[chosen].id.clone();
-        let n = map.get_mut(&node_id)?;
+        let n = table.nodes.get_mut(&node_id)?;
+        let probe_node = n.breaker.admission(now) == Admission::Probe;
+        if probe_node {
+            n.breaker.probe_started();
+        }
+        let probe_function = match n.fn_breakers.get_mut(function) {
+            Some(b) if b.admission(now) == Admission::Probe => {
+                b.probe_started();
+                true
+            }
+            _ => false,
+        };
         let reserved = Capacity {
             cpu_millis: need.cpu_millis,
             memory_mb: need.memory_mb,
             gpus: need.gpus,
-            fpga_slots: 0,
+            fpga_slots: need.fpga_slots,
             slots: 1,
         };
         add(&mut n.used, &reserved);
@@ -200,7 +397,10 @@ impl Registry {
             task_id.to_string(),
             Pending {
                 sha: sha.to_string(),
+                function: function.to_string(),
                 reserved,
+                probe_node,
+                probe_function,
                 reply: reply_tx,
             },
         );
@@ -211,12 +411,91 @@ impl Registry {
         })
     }
 
-    /// The node answered (result or reject): release the reservation, wake the caller.
-    /// A reply nobody here waits for (a task placed by an instance that has since died)
-    /// is handed back.
+    /// Feeds one outcome into the node's breakers. `node`: Some(failed) for the node's
+    /// own breaker; `func`: for the node × function breaker. `None`: the placement says
+    /// nothing (a reject, a cancel): a probe it carried is given back.
+    fn record(
+        &self,
+        t: &mut Table,
+        node_id: &str,
+        p: &Pending,
+        node: Option<bool>,
+        func: Option<bool>,
+    ) {
+        let now = Instant::now();
+        let cfg = self.cfg.breaker;
+        let Some(entry) = t.nodes.get(node_id) else {
+            return;
+        };
+        let pool = entry.pool();
+        let members: Vec<&NodeEntry> = t.nodes.values().filter(|n| n.pool() == pool).collect();
+        let budget = cfg.max_ejected(members.len());
+        let node_room = members.iter().filter(|n| n.breaker.is_ejected()).count() < budget;
+        let fn_room = members
+            .iter()
+            .filter(|n| {
+                n.fn_breakers
+                    .get(&p.function)
+                    .is_some_and(Breaker::is_ejected)
+            })
+            .count()
+            < budget;
+        let Some(n) = t.nodes.get_mut(node_id) else {
+            return;
+        };
+        let mut events = vec![];
+        match node {
+            Some(failed) => {
+                let tr = n
+                    .breaker
+                    .record(&cfg, now, failed, node_room, rand::rng().random());
+                events.push((tr, None));
+            }
+            None if p.probe_node => n.breaker.probe_abandoned(),
+            None => {}
+        }
+        match func {
+            Some(failed) => {
+                let b = n
+                    .fn_breakers
+                    .entry(p.function.clone())
+                    .or_insert_with(|| Breaker::new(now));
+                let tr = b.record(&cfg, now, failed, fn_room, rand::rng().random());
+                // A healthy, closed breaker with nothing counted is not worth keeping.
+                if b.state() == State::Closed && b.consecutive_failures() == 0 && !failed {
+                    n.fn_breakers.remove(&p.function);
+                }
+                events.push((tr, Some(p.function.clone())));
+            }
+            None if p.probe_function => {
+                if let Some(b) = n.fn_breakers.get_mut(&p.function) {
+                    b.probe_abandoned();
+                }
+            }
+            None => {}
+        }
+        for (tr, function) in events {
+            let node = node_id.to_string();
+            match tr {
+                Transition::Ejected { until, ejections } => self.emit(NodeEvent::Ejected {
+                    node,
+                    function,
+                    for_ms: until.saturating_duration_since(now).as_millis() as u64,
+                    ejections,
+                }),
+                Transition::Restored => self.emit(NodeEvent::Restored { node, function }),
+                Transition::Spared => self.emit(NodeEvent::Spared { node, function }),
+                Transition::None => {}
+            }
+        }
+    }
+
+    /// The node answered (result or reject): release the reservation, feed the
+    /// breakers, wake the caller. A reply nobody here waits for (a task placed by an
+    /// instance that has since died) is handed back.
     pub fn complete(&self, node_id: &str, conn: u64, task_id: &str, reply: Reply) -> Option<Reply> {
-        let mut map = self.lock();
-        let Some(n) = map.get_mut(node_id).filter(|n| n.conn == conn) else {
+        let mut t = self.lock();
+        let Some(n) = t.nodes.get_mut(node_id).filter(|n| n.conn == conn) else {
             return Some(reply);
         };
         let Some(p) = n.pending.remove(task_id) else {
@@ -233,37 +512,59 @@ impl Registry {
         if let Reply::Done(r) = &reply
             && r.outcome() != Outcome::Failed
         {
-            n.packages.insert(p.sha);
+            n.packages.insert(p.sha.clone());
         }
+        let (node, func) = match &reply {
+            Reply::Done(r) => verdicts(r.outcome()),
+            Reply::Rejected(_) => (None, None),
+        };
+        self.record(&mut t, node_id, &p, node, func);
         let _ = p.reply.send(reply);
         None
     }
 
-    /// Free task slots over every attached node.
+    /// Free task slots over every node that can take work now.
     pub fn free_slots(&self) -> usize {
-        self.lock()
-            .values()
-            .map(|n| n.capacity.slots.saturating_sub(n.used.slots) as usize)
+        let t = self.lock();
+        t.nodes
+            .iter()
+            .filter(|(id, n)| {
+                !n.suspect && t.admin.get(*id).copied().unwrap_or_default() == NodeAdmin::Active
+            })
+            .map(|(_, n)| n.capacity.slots.saturating_sub(n.used.slots) as usize)
             .sum()
     }
 
     /// The outbound channel of one node.
     pub fn tx(&self, node_id: &str) -> Option<Outbound> {
-        self.lock().get(node_id).map(|n| n.tx.clone())
+        self.lock().nodes.get(node_id).map(|n| n.tx.clone())
     }
 
-    /// Forgets a task whose caller gave up; frees its reservation.
+    /// Forgets a task whose caller gave up; frees its reservation (and its probe).
     pub fn abandon(&self, node_id: &str, task_id: &str) {
-        let mut map = self.lock();
-        if let Some(n) = map.get_mut(node_id)
+        let mut t = self.lock();
+        if let Some(n) = t.nodes.get_mut(node_id)
             && let Some(p) = n.pending.remove(task_id)
         {
             sub(&mut n.used, &p.reserved);
+            self.record(&mut t, node_id, &p, None, None);
+        }
+    }
+
+    /// The node never answered within the task's deadline: a platform failure of the
+    /// node (and of the function there); frees the reservation.
+    pub fn timed_out(&self, node_id: &str, task_id: &str) {
+        let mut t = self.lock();
+        if let Some(n) = t.nodes.get_mut(node_id)
+            && let Some(p) = n.pending.remove(task_id)
+        {
+            sub(&mut n.used, &p.reserved);
+            self.record(&mut t, node_id, &p, Some(true), Some(true));
         }
     }
 
     pub fn note_package(&self, node_id: &str, sha: &str) {
-        if let Some(n) = self.lock().get_mut(node_id) {
+        if let Some(n) = self.lock().nodes.get_mut(node_id) {
             n.packages.insert(sha.to_string());
         }
     }
@@ -271,6 +572,7 @@ impl Registry {
     /// Every attached node's outbound channel, for broadcasts.
     pub fn all(&self) -> Vec<(String, Outbound)> {
         self.lock()
+            .nodes
             .iter()
             .map(|(id, n)| (id.clone(), n.tx.clone()))
             .collect()
@@ -278,19 +580,282 @@ impl Registry {
 
     /// (attached nodes, their summed capacity)
     pub fn summary(&self) -> (u32, Capacity) {
-        let map = self.lock();
+        let t = self.lock();
         let mut total = Capacity::default();
-        for n in map.values() {
+        for n in t.nodes.values() {
             add(&mut total, &n.capacity);
         }
-        (map.len() as u32, total)
+        (t.nodes.len() as u32, total)
+    }
+
+    /// What `ferry nodes` shows: each node's live state, usage, work and breakers.
+    pub fn statuses(&self) -> Vec<proto::NodeStatus> {
+        let now = Instant::now();
+        let t = self.lock();
+        let mut out: Vec<proto::NodeStatus> = t
+            .nodes
+            .iter()
+            .map(|(id, n)| {
+                let admin = t.admin.get(id).copied().unwrap_or_default();
+                let silent = now.duration_since(n.last_seen);
+                let state = match (admin, n.breaker.admission(now), n.breaker.state()) {
+                    (NodeAdmin::Ejected, ..) => "disabled",
+                    (NodeAdmin::Draining, ..) => "draining",
+                    _ if silent > self.cfg.suspect_after => "suspect",
+                    (_, Admission::Deny, State::Open { .. }) => "ejected",
+                    (_, _, State::Open { .. } | State::HalfOpen { .. }) => "half-open",
+                    _ => "ready",
+                };
+                let mut running: Vec<String> = n.pending.keys().cloned().collect();
+                running.sort();
+                let mut fns: Vec<proto::BreakerStatus> = n
+                    .fn_breakers
+                    .iter()
+                    .map(|(f, b)| breaker_status(f, b, now))
+                    .collect();
+                fns.sort_by(|a, b| a.function.cmp(&b.function));
+                proto::NodeStatus {
+                    node_id: id.clone(),
+                    state: state.into(),
+                    capacity: Some(n.capacity.into()),
+                    used: Some(max(&n.used, &n.reported).into()),
+                    tags: n.tags.clone(),
+                    labels: n.labels.clone().into_iter().collect(),
+                    running,
+                    breaker: Some(breaker_status("", &n.breaker, now)),
+                    function_breakers: fns,
+                    last_heartbeat_ms: silent.as_millis() as u64,
+                    admin: admin.as_str().into(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        out
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().nodes.len()
     }
 
     pub fn clear(&self) {
-        self.lock().clear();
+        self.lock().nodes.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn registry(events: mpsc::UnboundedSender<NodeEvent>) -> Registry {
+        Registry::new(
+            RegistryConfig {
+                suspect_after: Duration::from_secs(60),
+                breaker: BreakerConfig {
+                    consecutive: 3,
+                    base_ejection: Duration::from_millis(200),
+                    jitter: 0.0,
+                    ..BreakerConfig::default()
+                },
+            },
+            Some(events),
+        )
+    }
+
+    fn attach(r: &Registry, id: &str) -> mpsc::Receiver<Result<ServerMessage, tonic::Status>> {
+        let (tx, rx) = mpsc::channel(64);
+        let cap = Capacity {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            slots: 8,
+            ..Capacity::default()
+        };
+        r.attach(id, 1, cap, vec!["cpu".into()], BTreeMap::new(), vec![], tx);
+        rx
+    }
+
+    fn need() -> Need {
+        Need {
+            cpu_millis: 100,
+            memory_mb: 64,
+            ..Need::default()
+        }
+    }
+
+    /// Places one task of `function` and answers it with `outcome`; returns the node.
+    fn run(r: &Registry, n: &mut u32, function: &str, outcome: Outcome) -> Option<String> {
+        *n += 1;
+        let id = format!("t{n}");
+        let p = r.place(&id, "sha", function, &need(), &HashSet::new())?;
+        let result = TaskResult {
+            task_id: id.clone(),
+            outcome: outcome as i32,
+            ..TaskResult::default()
+        };
+        assert!(
+            r.complete(&p.node_id, 1, &id, Reply::Done(result))
+                .is_none()
+        );
+        Some(p.node_id)
+    }
+
+    #[test]
+    fn a_node_failing_a_function_is_ejected_for_it_and_returns_after_a_probe() {
+        let (etx, mut erx) = mpsc::unbounded_channel();
+        let r = registry(etx);
+        let _a = attach(&r, "a");
+        let _b = attach(&r, "b");
+        let mut n = 0;
+        // "a" fails f every time; "b" runs it fine. Spreading puts work on both until
+        // "a" is ejected for f after 3 failures in a row.
+        let mut a_failures = 0;
+        for _ in 0..20 {
+            let placed = r
+                .place("probe-peek", "sha", "f", &need(), &HashSet::new())
+                .unwrap();
+            r.abandon(&placed.node_id, "probe-peek");
+            let outcome = if placed.node_id == "a" {
+                a_failures += 1;
+                Outcome::FunctionError
+            } else {
+                Outcome::Succeeded
+            };
+            run(&r, &mut n, "f", outcome);
+        }
+        assert_eq!(a_failures, 3, "a got work only until its third failure");
+        let ev = erx.try_recv().unwrap();
+        assert!(
+            matches!(&ev, NodeEvent::Ejected { node, function: Some(f), ejections: 1, .. } if node == "a" && f == "f"),
+            "{ev:?}"
+        );
+        // Other functions still run on "a"; the node's own breaker is closed.
+        let placed: HashSet<String> = (0..4)
+            .filter_map(|_| run(&r, &mut n, "g", Outcome::Succeeded))
+            .collect();
+        assert!(placed.contains("a"), "{placed:?}");
+        let st = r.statuses();
+        assert_eq!(st[0].state, "ready");
+        assert_eq!(st[0].function_breakers[0].state, "open");
+
+        // After the ejection, one probe goes to "a"; it succeeds and closes the breaker.
+        std::thread::sleep(Duration::from_millis(250));
+        let probe = r.place("p", "sha", "f", &need(), &HashSet::new()).unwrap();
+        assert_eq!(
+            probe.node_id, "a",
+            "the idle half-open node takes the probe"
+        );
+        let second = r.place("p2", "sha", "f", &need(), &HashSet::new()).unwrap();
+        assert_eq!(second.node_id, "b", "only one probe at a time");
+        let ok = TaskResult {
+            task_id: "p".into(),
+            outcome: Outcome::Succeeded as i32,
+            ..TaskResult::default()
+        };
+        r.complete("a", 1, "p", Reply::Done(ok));
+        assert!(matches!(
+            erx.try_recv().unwrap(),
+            NodeEvent::Restored { .. }
+        ));
+        assert!(r.statuses()[0].function_breakers.is_empty());
+    }
+
+    #[test]
+    fn platform_failures_eject_the_node_but_never_more_than_half_the_pool() {
+        let (etx, mut erx) = mpsc::unbounded_channel();
+        let r = registry(etx);
+        let _rx: Vec<_> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| attach(&r, id))
+            .collect();
+        let mut n = 0;
+        // Every node fails everything: a fault of ours, not theirs. Only two of the
+        // four may be out at once; the other two keep getting work.
+        for _ in 0..40 {
+            run(&r, &mut n, "f", Outcome::Failed);
+        }
+        let mut ejected = HashSet::new();
+        let mut spared = 0;
+        while let Ok(ev) = erx.try_recv() {
+            match ev {
+                NodeEvent::Ejected {
+                    node,
+                    function: None,
+                    ..
+                } => {
+                    ejected.insert(node);
+                }
+                NodeEvent::Spared { .. } => spared += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(ejected.len(), 2, "{ejected:?}");
+        assert!(spared > 0);
+        let states: Vec<String> = r.statuses().into_iter().map(|s| s.state).collect();
+        assert_eq!(
+            states.iter().filter(|s| *s == "ejected").count(),
+            2,
+            "{states:?}"
+        );
+    }
+
+    #[test]
+    fn drained_ejected_and_suspect_nodes_get_no_work_and_restore_closes_breakers() {
+        let (etx, _erx) = mpsc::unbounded_channel();
+        let r = registry(etx);
+        let _a = attach(&r, "a");
+        let _b = attach(&r, "b");
+        let mut n = 0;
+        // "b" is ejected by its breaker (3 platform failures), "a" drained by hand.
+        for _ in 0..3 {
+            let p = r
+                .place("x", "sha", "f", &need(), &HashSet::from(["a".to_string()]))
+                .unwrap();
+            let fail = TaskResult {
+                task_id: "x".into(),
+                outcome: Outcome::Failed as i32,
+                ..TaskResult::default()
+            };
+            r.complete(&p.node_id, 1, "x", Reply::Done(fail));
+        }
+        assert_eq!(r.statuses()[1].state, "ejected");
+        r.set_admin(HashMap::from([("a".to_string(), NodeAdmin::Draining)]), &[]);
+        assert!(run(&r, &mut n, "f", Outcome::Succeeded).is_none());
+        assert_eq!(r.free_slots(), 8, "only b's slots: a is drained");
+        assert_eq!(r.statuses()[0].state, "draining");
+
+        // Restoring both: "a" back to active, "b"'s breaker closed at once.
+        r.set_admin(HashMap::new(), &["b".to_string()]);
+        assert_eq!(
+            run(&r, &mut n, "f", Outcome::Succeeded).as_deref(),
+            Some("a")
+        );
+        let only_b = HashSet::from(["a".to_string()]);
+        let p = r.place("z", "sha", "f", &need(), &only_b).unwrap();
+        assert_eq!(p.node_id, "b");
+        assert_eq!(r.statuses()[1].state, "ready");
+
+        // A silent node is suspect: no new work.
+        let (etx, _erx) = mpsc::unbounded_channel();
+        let quick = Registry::new(
+            RegistryConfig {
+                suspect_after: Duration::from_millis(20),
+                ..RegistryConfig::default()
+            },
+            Some(etx),
+        );
+        let _c = attach(&quick, "c");
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(quick.mark_suspects(), vec!["c".to_string()]);
+        assert!(
+            quick
+                .place("y", "sha", "f", &need(), &HashSet::new())
+                .is_none()
+        );
+        assert!(quick.heartbeat("c", 1, None), "back from suspect");
+        assert!(
+            quick
+                .place("y", "sha", "f", &need(), &HashSet::new())
+                .is_some()
+        );
     }
 }

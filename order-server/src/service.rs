@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_core::model::{Capacity, NodeRecord, NodeState, OrderServerRecord, VersionRecord};
+use ferry_core::model::{
+    Capacity, NodeAdmin, NodeAdminRecord, NodeRecord, NodeState, OrderServerRecord, VersionRecord,
+};
 use ferry_core::proto::{
     self, Assignment, InvokeReply, InvokeRequest, NodeMessage, Prefetch, Registered, ServerMessage,
     node_message, server_message,
@@ -21,7 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Config;
 use crate::placement::Need;
-use crate::registry::{Registry, Reply};
+use crate::registry::{NodeEvent, Registry, RegistryConfig, Reply};
 
 /// Shared state of one instance; cheap to clone.
 #[derive(Clone)]
@@ -53,6 +55,8 @@ pub(crate) struct Inner {
     pub(crate) capacity_freed: Notify,
     /// Completions refused as stale (an old attempt, or after our lease was lost).
     pub(crate) stale_completions: AtomicU64,
+    /// The operator's settings for this cluster's nodes (drain, eject, restore).
+    node_admin: WatchCache,
 }
 
 impl OrderService {
@@ -65,12 +69,19 @@ impl OrderService {
         let instances =
             WatchCache::start(store.clone(), &keys::order_servers_of(&cfg.cluster)).await?;
         let cancels = WatchCache::start(store.clone(), keys::CANCELS).await?;
+        let node_admin =
+            WatchCache::start(store.clone(), &keys::node_admin_of(&cfg.cluster)).await?;
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let registry_cfg = RegistryConfig {
+            suspect_after: cfg.suspect_after,
+            breaker: cfg.breaker,
+        };
         let svc = Self {
             inner: Arc::new(Inner {
                 cfg,
                 url,
                 store,
-                nodes: Registry::default(),
+                nodes: Registry::new(registry_cfg, Some(events_tx)),
                 next_conn: AtomicU64::new(1),
                 changed: Notify::new(),
                 tasks: std::sync::Mutex::new(Vec::new()),
@@ -82,6 +93,7 @@ impl OrderService {
                 inflight: Default::default(),
                 capacity_freed: Notify::new(),
                 stale_completions: AtomicU64::new(0),
+                node_admin,
             }),
         };
         svc.register().await?;
@@ -92,6 +104,8 @@ impl OrderService {
             tokio::spawn(svc.clone().claim_loop()),
             tokio::spawn(svc.clone().orphan_loop()),
             tokio::spawn(svc.clone().cancel_loop()),
+            tokio::spawn(svc.clone().node_event_loop(events)),
+            tokio::spawn(svc.clone().node_admin_loop()),
         ];
         svc.inner
             .tasks
@@ -213,6 +227,11 @@ impl OrderService {
         let period = self.inner.cfg.heartbeat.min(Duration::from_millis(500));
         loop {
             tokio::time::sleep(period).await;
+            for id in self.inner.nodes.mark_suspects() {
+                warn!(node_id = %id, "node is silent; suspect (no new work)");
+                let svc = self.clone();
+                tokio::spawn(async move { svc.record_state(&id, NodeState::Suspect).await });
+            }
             for (id, conn, tx) in self.inner.nodes.silent(self.inner.cfg.dead_after) {
                 warn!(node_id = %id, "node missed heartbeats; declaring it dead");
                 let _ = tx.try_send(Err(Status::unavailable("heartbeat timeout")));
@@ -299,11 +318,120 @@ impl OrderService {
         }
     }
 
+    /// Writes a node's state transition (suspect, ejected, attached again), fenced on
+    /// this attachment's last write: a node that moved to another instance since is not
+    /// ours to describe.
+    async fn record_state(&self, node_id: &str, state: NodeState) {
+        let Some((conn, rev)) = self.inner.nodes.attach_rev(node_id) else {
+            return;
+        };
+        if rev <= 0 {
+            return;
+        }
+        let status = self
+            .inner
+            .nodes
+            .statuses()
+            .into_iter()
+            .find(|n| n.node_id == node_id);
+        let Some(record) = status.map(|n| NodeRecord {
+            id: n.node_id,
+            cluster: self.inner.cfg.cluster.clone(),
+            state,
+            order_server: self.inner.cfg.id.clone(),
+            capacity: n.capacity.as_ref().map(Capacity::from).unwrap_or_default(),
+            tags: n.tags,
+            labels: n.labels.into_iter().collect(),
+            since_ms: ferry_core::now_ms(),
+        }) else {
+            return;
+        };
+        let key = keys::node(&self.inner.cfg.cluster, node_id);
+        match self
+            .inner
+            .store
+            .compare_and_put(&key, serde_json::to_vec(&record).unwrap_or_default(), rev)
+            .await
+        {
+            Ok(Some(new_rev)) => {
+                self.inner.nodes.set_attach_rev(node_id, conn, new_rev);
+            }
+            Ok(None) => debug!(node_id, "node record moved on; transition not recorded"),
+            Err(e) => warn!(node_id, error = %e, "could not record node transition"),
+        }
+    }
+
+    /// Logs breaker transitions and records the node-level ones in the store.
+    async fn node_event_loop(self, mut events: mpsc::UnboundedReceiver<NodeEvent>) {
+        while let Some(ev) = events.recv().await {
+            match ev {
+                NodeEvent::Ejected {
+                    node,
+                    function,
+                    for_ms,
+                    ejections,
+                } => {
+                    warn!(node_id = %node, function = function.as_deref().unwrap_or("*"), for_ms, ejections, "circuit breaker opened: node ejected");
+                    if function.is_none() {
+                        self.record_state(&node, NodeState::Ejected).await;
+                    }
+                }
+                NodeEvent::Restored { node, function } => {
+                    info!(node_id = %node, function = function.as_deref().unwrap_or("*"), "probe succeeded: circuit breaker closed");
+                    if function.is_none() {
+                        self.record_state(&node, NodeState::Attached).await;
+                    }
+                }
+                NodeEvent::Spared { node, function } => {
+                    warn!(node_id = %node, function = function.as_deref().unwrap_or("*"), "failure threshold crossed, but the pool's ejection budget is spent");
+                }
+            }
+            self.inner.capacity_freed.notify_one();
+        }
+    }
+
+    /// Keeps the registry's copy of the operator's node settings current. A node set
+    /// back to active (a restore) has its breakers closed.
+    async fn node_admin_loop(self) {
+        let mut changes = self.inner.node_admin.changes();
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        loop {
+            let mut admin = std::collections::HashMap::new();
+            let mut restored = vec![];
+            for kv in self.inner.node_admin.snapshot() {
+                let Ok(r) = serde_json::from_slice::<NodeAdminRecord>(&kv.value) else {
+                    continue;
+                };
+                if r.state == NodeAdmin::Active {
+                    if seen.get(&r.node).is_some_and(|s| *s < r.since_ms) {
+                        restored.push(r.node.clone());
+                    }
+                } else {
+                    admin.insert(r.node.clone(), r.state);
+                }
+                seen.insert(r.node, r.since_ms);
+            }
+            if !restored.is_empty() {
+                info!(nodes = ?restored, "nodes restored by an operator");
+            }
+            self.inner.nodes.set_admin(admin, &restored);
+            self.inner.capacity_freed.notify_one();
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     async fn handle_node_message(&self, node_id: &str, conn: u64, msg: NodeMessage) {
         let nodes = &self.inner.nodes;
         match msg.msg {
             Some(node_message::Msg::Heartbeat(hb)) => {
-                nodes.heartbeat(node_id, conn, hb.used.as_ref().map(Capacity::from));
+                if nodes.heartbeat(node_id, conn, hb.used.as_ref().map(Capacity::from)) {
+                    info!(node_id, "suspect node is heartbeating again");
+                    let svc = self.clone();
+                    let id = node_id.to_string();
+                    tokio::spawn(async move { svc.record_state(&id, NodeState::Attached).await });
+                }
                 self.inner.capacity_freed.notify_one();
             }
             Some(node_message::Msg::Accept(a)) => {
@@ -385,6 +513,7 @@ impl proto::order_server::Order for OrderService {
             conn,
             capacity,
             reg.tags.clone(),
+            reg.labels.clone().into_iter().collect(),
             reg.cached_packages.clone(),
             tx.clone(),
         );
@@ -452,6 +581,16 @@ impl proto::order_server::Order for OrderService {
         )))
     }
 
+    async fn nodes(
+        &self,
+        _request: Request<proto::NodesRequest>,
+    ) -> Result<Response<proto::NodesReply>, Status> {
+        Ok(Response::new(proto::NodesReply {
+            server_id: self.inner.cfg.id.clone(),
+            nodes: self.inner.nodes.statuses(),
+        }))
+    }
+
     async fn invoke(
         &self,
         request: Request<InvokeRequest>,
@@ -476,12 +615,7 @@ impl OrderService {
         input: Vec<u8>,
         request_id: String,
     ) -> Result<InvokeReply, Error> {
-        let need = Need {
-            cpu_millis: spec.cpu_millis,
-            memory_mb: spec.memory_mb,
-            gpus: 0,
-            required_tags: vec![],
-        };
+        let need = Need::of(&spec);
         let deadline = Duration::from_millis(spec.timeout_ms) + self.inner.cfg.assignment_grace;
         let started = Instant::now();
         let mut excluded = HashSet::new();
@@ -490,11 +624,13 @@ impl OrderService {
         let tries = self.inner.nodes.len().clamp(1, 64) as u32;
         for attempt in 1..=tries {
             let task_id = ferry_core::id::new_id();
-            let Some(placed) =
-                self.inner
-                    .nodes
-                    .place(&task_id, &spec.package_sha256, &need, &excluded)
-            else {
+            let Some(placed) = self.inner.nodes.place(
+                &task_id,
+                &spec.package_sha256,
+                &spec.name,
+                &need,
+                &excluded,
+            ) else {
                 break;
             };
             let assignment = ServerMessage {
@@ -555,6 +691,7 @@ impl OrderService {
                     ));
                 }
                 Err(_) => {
+                    self.inner.nodes.timed_out(&placed.node_id, &task_id);
                     return Err(Error::new(
                         ErrorCode::Timeout,
                         format!("no result within {} ms", deadline.as_millis()),

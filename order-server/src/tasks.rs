@@ -189,18 +189,15 @@ impl OrderService {
         // Place each task before claiming it: never claim what no node can run now.
         let mut placed = vec![];
         for (t, tkv, qkv) in batch {
-            let need = Need {
-                cpu_millis: t.version.limits.cpu_millis,
-                memory_mb: t.version.limits.memory_mb,
-                gpus: 0,
-                required_tags: vec![],
-            };
+            let need = Need::of(&t.version.spec());
             let slot_id = format!("{}#{}", t.id, t.attempt + 1);
-            match self
-                .inner
-                .nodes
-                .place(&slot_id, &t.version.sha256, &need, &Default::default())
-            {
+            match self.inner.nodes.place(
+                &slot_id,
+                &t.version.sha256,
+                &t.version.name,
+                &need,
+                &Default::default(),
+            ) {
                 Some(p) => placed.push((t, tkv, qkv, slot_id, p)),
                 None => break,
             }
@@ -319,7 +316,7 @@ impl OrderService {
                         Some(format!("node {} was lost", p.node_id)),
                     ),
                     Err(_) => {
-                        svc.inner.nodes.abandon(&p.node_id, &slot_id);
+                        svc.inner.nodes.timed_out(&p.node_id, &slot_id);
                         if let Some(tx) = svc.inner.nodes.tx(&p.node_id) {
                             let cancel = proto::Cancel {
                                 task_id: slot_id.clone(),
@@ -708,6 +705,7 @@ mod fencing {
             size: 1,
             kind: Kind::Wasm,
             limits: Limits::default(),
+            resources: Default::default(),
             retry: RetryPolicy::default(),
             created_ms: 0,
         };

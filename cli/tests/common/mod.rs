@@ -62,11 +62,21 @@ pub async fn start_cluster(
     data_dir: &std::path::Path,
     nodes: u32,
 ) -> (ferry_cli::up::Cluster, ferry_sdk::client::Client) {
+    start_cluster_tuned(data_dir, nodes, Default::default()).await
+}
+
+/// [`start_cluster`] with the order-server's failure detection and breakers tuned.
+pub async fn start_cluster_tuned(
+    data_dir: &std::path::Path,
+    nodes: u32,
+    tuning: ferry_cli::up::Tuning,
+) -> (ferry_cli::up::Cluster, ferry_sdk::client::Client) {
     let cluster = ferry_cli::up::Cluster::start(ferry_cli::up::UpConfig {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data_dir.to_path_buf(),
         token: "test-token".into(),
         nodes,
+        tuning,
     })
     .await
     .expect("start the cluster");
