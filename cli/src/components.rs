@@ -45,6 +45,12 @@ pub async fn gateway(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     {
         cfg.idempotency_window = Duration::from_secs(secs);
     }
+    if let Some(allow) = env
+        .parse::<bool>("FERRY_ALLOW_UNSIGNED_COMPAT")
+        .context("read FERRY_ALLOW_UNSIGNED_COMPAT")?
+    {
+        cfg.allow_unsigned_compat = allow;
+    }
     let running = ferry_gateway::start(cfg, store)
         .await
         .context("start the gateway")?;

@@ -95,6 +95,14 @@ fn open_routes() -> Routes {
     ]
 }
 
+/// The compatibility APIs (AWS Lambda, OpenFaaS): they authenticate in their own way.
+fn compat_routes() -> Router<Arc<AppState>> {
+    Router::new().route(
+        "/2015-03-31/functions/{name}/invocations",
+        post(crate::lambda::invoke),
+    )
+}
+
 /// Every path the gateway's router serves (native and open), as registered.
 pub fn served_paths() -> Vec<&'static str> {
     native_routes()
@@ -113,6 +121,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .into_iter()
         .fold(Router::new(), |r, (path, m)| r.route(path, m))
         .merge(v1)
+        .merge(compat_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -178,25 +187,28 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
 /// Every `/v1` route needs `Authorization: Bearer <token>`: the admin token, or a
 /// tenant's API key. Which one it was travels on as the request's [`Principal`].
 async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+    let Some(principal) = bearer(&st, req.headers()) else {
+        return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
+            .into_response();
+    };
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// Who `Authorization: Bearer …` names: the admin token or a live tenant key.
+pub(crate) fn bearer(st: &AppState, headers: &HeaderMap) -> Option<Principal> {
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .unwrap_or("");
-    let principal =
-        if ferry_core::id::constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
-            Principal::Admin
-        } else if let Some(t) = st.directory.by_key(presented) {
-            Principal::Tenant(t)
-        } else {
-            return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
-                .into_response();
-        };
-    req.extensions_mut().insert(principal);
-    next.run(req).await
+    if ferry_core::id::constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
+        Some(Principal::Admin)
+    } else {
+        st.directory.by_key(presented).map(Principal::Tenant)
+    }
 }
 
 /// For handlers that do not take the [`Principal`]: refuses tenant keys.
@@ -588,31 +600,52 @@ async fn invoke(
     let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let (shown_name, qualified) = split_qualifier(&name);
     let qualified = q.version.map_or(qualified, Qualifier::Version);
+    let log_tail = headers.get("x-ferry-log").is_some_and(|v| v == "tail");
+    invoke_sync(
+        &st, &who, &rid.0, shown_name, &qualified, &headers, body, log_tail,
+    )
+    .await
+}
+
+/// A synchronous invocation of `shown_name` (as `who` names it) with `qualified`, from
+/// resolution through limits, the body, and idempotency (`Idempotency-Key`) to the
+/// answer. Shared by the native route and the compatibility routes, which translate
+/// the answer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn invoke_sync(
+    st: &AppState,
+    who: &Principal,
+    request_id: &str,
+    shown_name: &str,
+    qualified: &Qualifier,
+    headers: &HeaderMap,
+    body: Body,
+    log_tail: bool,
+) -> ApiResult<Response> {
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
-    let (version, alias) = st.catalog.resolve(fname, &qualified).await?;
-    if let Err(t) = st.limiter.admit(&who, fname) {
-        return Ok(throttled(&st, t));
+    let (version, alias) = st.catalog.resolve(fname, qualified).await?;
+    if let Err(t) = st.limiter.admit(who, fname) {
+        return Ok(throttled(st, t));
     }
-    let _in_flight = match st.limiter.enter(&who, fname) {
+    let _in_flight = match st.limiter.enter(who, fname) {
         Ok(guard) => guard,
-        Err(t) => return Ok(throttled(&st, t)),
+        Err(t) => return Ok(throttled(st, t)),
     };
-    let input = read_body(&headers, body, who.max_body(st.cfg.max_body)).await?;
-    if is_json(&headers) {
+    let input = read_body(headers, body, who.max_body(st.cfg.max_body)).await?;
+    if is_json(headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
-    let log_tail = headers.get("x-ferry-log").is_some_and(|v| v == "tail");
     let call = Call {
-        st: &st,
+        st,
         fname,
         shown_name,
         version: &version,
         alias: alias.as_deref(),
-        request_id: &rid.0,
+        request_id,
         log_tail,
     };
-    let Some(key) = crate::idempotency::key_from(&headers)? else {
+    let Some(key) = crate::idempotency::key_from(headers)? else {
         return Ok(call.run(input).await);
     };
     let ikey = keys::idempotency("invoke", &format!("{fname}/{key}"));

@@ -21,11 +21,13 @@ pub mod blobs;
 mod catalog;
 pub mod error;
 mod idempotency;
+mod lambda;
 mod limits;
 mod metrics;
 mod nodes;
 pub mod openapi;
 mod routing;
+mod sigv4;
 mod tasks;
 mod tenancy;
 
@@ -52,6 +54,9 @@ pub struct Config {
     pub invoke_grace: Duration,
     /// How long an `Idempotency-Key` answers with its first call's task or result.
     pub idempotency_window: Duration,
+    /// Accept unsigned requests on the compatibility paths (Lambda, OpenFaaS), acting
+    /// with the admin scope. Only for a gateway no untrusted caller can reach.
+    pub allow_unsigned_compat: bool,
 }
 
 impl Default for Config {
@@ -67,6 +72,7 @@ impl Default for Config {
             max_unpacked: 1 << 30,
             invoke_grace: Duration::from_secs(30),
             idempotency_window: Duration::from_secs(24 * 3600),
+            allow_unsigned_compat: false,
         }
     }
 }

@@ -88,17 +88,32 @@ pub async fn submit(
     body: Body,
 ) -> ApiResult<Response> {
     let (shown_name, qualified) = split_qualifier(&name);
+    submit_task(&st, &who, &rid.0, shown_name, &qualified, &headers, body).await
+}
+
+/// Submits an async task of `shown_name` (as `who` names it): resolution, limits, the
+/// body, priority, callback and idempotency, then the commit; answers the native 202.
+/// Shared by the native route and the compatibility routes.
+pub(crate) async fn submit_task(
+    st: &AppState,
+    who: &Principal,
+    request_id: &str,
+    shown_name: &str,
+    qualified: &crate::catalog::Qualifier,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
-    let (version, _alias) = st.catalog.resolve(fname, &qualified).await?;
-    if let Err(t) = st.limiter.admit(&who, fname) {
-        return Ok(crate::api::throttled(&st, t));
+    let (version, _alias) = st.catalog.resolve(fname, qualified).await?;
+    if let Err(t) = st.limiter.admit(who, fname) {
+        return Ok(crate::api::throttled(st, t));
     }
-    let input = read_body(&headers, body, who.max_body(MAX_TASK_INPUT)).await?;
-    if is_json(&headers) {
+    let input = read_body(headers, body, who.max_body(MAX_TASK_INPUT)).await?;
+    if is_json(headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
-    let priority = match header_str(&headers, "x-ferry-priority") {
+    let priority = match header_str(headers, "x-ferry-priority") {
         None => Priority::Normal,
         Some(p) => Priority::parse(p).ok_or_else(|| {
             ApiError::new(
@@ -107,7 +122,7 @@ pub async fn submit(
             )
         })?,
     };
-    let callback_url = match header_str(&headers, "x-ferry-callback-url") {
+    let callback_url = match header_str(headers, "x-ferry-callback-url") {
         None => None,
         Some(u) if (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 2048 => {
             Some(u.to_string())
@@ -119,7 +134,7 @@ pub async fn submit(
             ));
         }
     };
-    let idempotency_key = crate::idempotency::key_from(&headers)?;
+    let idempotency_key = crate::idempotency::key_from(headers)?;
     let window_ms = st.cfg.idempotency_window.as_millis() as u64;
     let cluster = st.router.pick_cluster().ok_or_else(|| {
         ApiError::new(
@@ -137,7 +152,7 @@ pub async fn submit(
         now,
     );
     task.callback_url = callback_url;
-    task.request_id = rid.0.clone();
+    task.request_id = request_id.to_string();
     let body_sha256 = ferry_core::id::sha256_hex(&input);
     let tkey = keys::task(&task.id);
     let base = Txn::new()
@@ -176,7 +191,7 @@ pub async fn submit(
                             ));
                         }
                         // The same task: say where it stands and which version it runs.
-                        let t = load(&st, &who, &e.task_id).await.ok().map(|(t, _)| t);
+                        let t = load(st, who, &e.task_id).await.ok().map(|(t, _)| t);
                         return Ok(accepted(&e.task_id, t.as_ref(), true));
                     }
                     // Expired: the key may be reused.
