@@ -137,6 +137,13 @@ pub fn alias(function: &str, alias: &str) -> String {
     format!("{ALIASES}{function}/{alias}")
 }
 
+/// `CallbackRecord` per task whose result is still to be POSTed to a callback URL:
+/// written with the task, deleted once delivered (or given up).
+pub const CALLBACKS: &str = "/ferry/callbacks/";
+pub fn callback(task_id: &str) -> String {
+    format!("{CALLBACKS}{task_id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

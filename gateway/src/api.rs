@@ -8,7 +8,7 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, delete, get, post, put};
+use axum::routing::{MethodRouter, any, delete, get, post, put};
 use axum::{Json, Router};
 use ferry_core::model::{FunctionRecord, PackageRecord, VersionRecord};
 use ferry_core::proto::Outcome;
@@ -97,10 +97,18 @@ fn open_routes() -> Routes {
 
 /// The compatibility APIs (AWS Lambda, OpenFaaS): they authenticate in their own way.
 fn compat_routes() -> Router<Arc<AppState>> {
-    Router::new().route(
-        "/2015-03-31/functions/{name}/invocations",
-        post(crate::lambda::invoke),
-    )
+    Router::new()
+        .route(
+            "/2015-03-31/functions/{name}/invocations",
+            post(crate::lambda::invoke),
+        )
+        .route("/function/{name}", any(crate::openfaas::sync))
+        .route("/function/{name}/{*path}", any(crate::openfaas::sync))
+        .route("/async-function/{name}", post(crate::openfaas::submit))
+        .route(
+            "/async-function/{name}/{*path}",
+            post(crate::openfaas::submit),
+        )
 }
 
 /// Every path the gateway's router serves (native and open), as registered.

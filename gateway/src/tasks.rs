@@ -165,6 +165,23 @@ pub(crate) async fn submit_task(
             keys::queued(&cluster, &task.id),
             serde_json::to_vec(&task.queue_entry()).unwrap_or_default(),
         ));
+    // The callback is pending from the same commit, so it cannot be lost.
+    let base = match &task.callback_url {
+        None => base,
+        Some(url) => base.then(Op::put(
+            keys::callback(&task.id),
+            serde_json::to_vec(&ferry_core::model::CallbackRecord {
+                task_id: task.id.clone(),
+                url: url.clone(),
+                created_ms: now,
+                attempts: 0,
+                next_ms: 0,
+                claimed_by: None,
+                claimed_until_ms: 0,
+            })
+            .unwrap_or_default(),
+        )),
+    };
     let Some(key) = idempotency_key else {
         st.store.txn(base).await?;
         return Ok(accepted(&task.id, Some(&task), false));
