@@ -18,6 +18,9 @@ use crate::ClientArgs;
 pub enum BenchCommand {
     /// The sync invoke path over HTTP: warm latency and throughput, and cold starts.
     Invoke(InvokeBench),
+    /// The gateway's own cost per request (auth, limits, routing, idempotency lookup)
+    /// apart from the function, and how fast it refuses with 429.
+    Gateway(crate::bench_gateway::GatewayBench),
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +50,7 @@ pub struct InvokeBench {
 pub async fn run(cmd: BenchCommand, env: &Env) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Invoke(b) => invoke(b, env).await,
+        BenchCommand::Gateway(b) => crate::bench_gateway::run(b).await,
     }
 }
 
@@ -81,7 +85,7 @@ pub fn summarize(mut v: Vec<u64>) -> Summary {
     }
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -261,13 +265,13 @@ async fn timed_load(
 }
 
 /// The smallest useful HTTP server: hyper, HTTP/1.1 keep-alive, a fixed JSON answer.
-struct BareHttp {
-    addr: std::net::SocketAddr,
+pub(crate) struct BareHttp {
+    pub(crate) addr: std::net::SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl BareHttp {
-    async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind the bare server")?;
@@ -293,7 +297,7 @@ impl BareHttp {
         Ok(Self { addr, task })
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         self.task.abort();
     }
 }

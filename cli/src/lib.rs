@@ -12,6 +12,7 @@ use ferry_core::config::Env;
 pub mod admin;
 pub mod alias;
 pub mod bench;
+pub mod bench_gateway;
 pub mod client;
 pub mod components;
 pub mod nodes;
