@@ -144,6 +144,12 @@ pub fn callback(task_id: &str) -> String {
     format!("{CALLBACKS}{task_id}")
 }
 
+/// `RerunRecord` per batch re-run (`POST /v1/reruns`).
+pub const RERUNS: &str = "/ferry/reruns/";
+pub fn rerun(id: &str) -> String {
+    format!("{RERUNS}{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

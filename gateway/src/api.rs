@@ -55,6 +55,8 @@ fn native_routes() -> Routes {
         ("/v1/tasks", get(crate::tasks::list)),
         ("/v1/tasks/{id}", get(crate::tasks::get)),
         ("/v1/tasks/{id}/cancel", post(crate::tasks::cancel)),
+        ("/v1/reruns", post(crate::reruns::create)),
+        ("/v1/reruns/{id}", get(crate::reruns::get)),
         ("/v1/packages/{sha256}", get(get_package)),
         (
             "/v1/nodes",

@@ -28,6 +28,7 @@ mod metrics;
 mod nodes;
 pub mod openapi;
 mod openfaas;
+mod reruns;
 mod routing;
 mod sigv4;
 mod tasks;

@@ -181,6 +181,12 @@ pub fn document() -> Value {
                     },
                 },
             },
+            "/v1/reruns": {
+                "post": op("Re-run a function's tasks selected by version, state and time, on the batch priority", vec![], Some(json_body("{function, version?, state?, since_ms?, until_ms?, limit?}")), "202", "{id, selected, status_url, tasks}"),
+            },
+            "/v1/reruns/{id}": {
+                "get": op("A re-run's progress", vec![param("id", "path", "re-run id")], None, "200", "{selected, finished, done, states}"),
+            },
             "/v1/packages/{sha256}": {
                 "get": {
                     "summary": "A package's bytes (node agents; admin token)",
