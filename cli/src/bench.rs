@@ -319,6 +319,7 @@ async fn runtime_baseline(dir: &std::path::Path, data: &str) -> anyhow::Result<S
         function: manifest.name,
         version: 1,
         request_id: "bench".into(),
+        progress: None,
     };
     let handle = std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
         runtime

@@ -368,6 +368,7 @@ pub async fn run_local(a: RunArgs) -> anyhow::Result<ExitCode> {
         function: manifest.name.clone(),
         version: 0,
         request_id: ferry_core::id::new_id(),
+        progress: None,
     };
     let inv = runtime
         .invoke(&sha, req)

@@ -74,6 +74,7 @@ pub async fn order_server(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     };
     let t = crate::settings::tuning(&s)?;
     (cfg.suspect_after, cfg.dead_after, cfg.breaker) = (t.suspect_after, t.dead_after, t.breaker);
+    (cfg.task_retention, cfg.callback_secret) = (t.task_retention, t.callback_secret);
     if let Some(c) = s.cluster {
         cfg.cluster = c;
     }

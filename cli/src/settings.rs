@@ -37,6 +37,10 @@ pub struct FileConfig {
     pub breaker_ejection_ms: Option<u64>,
     pub breaker_max_ejection_ms: Option<u64>,
     pub breaker_max_ejected_percent: Option<u32>,
+    /// Order-server: finished tasks are removed this long after they finish.
+    pub task_retention_s: Option<u64>,
+    /// Order-server: key of the HMAC signature on task callbacks.
+    pub callback_secret: Option<String>,
 }
 
 /// The first of flag, environment variable and file value that is set.
@@ -121,6 +125,13 @@ fn scheduler(env: &Env, f: &FileConfig) -> anyhow::Result<FileConfig> {
             "FERRY_BREAKER_MAX_EJECTED_PERCENT",
             f.breaker_max_ejected_percent,
         )?,
+        task_retention_s: pick(None, env, "FERRY_TASK_RETENTION_S", f.task_retention_s)?,
+        callback_secret: pick(
+            None,
+            env,
+            "FERRY_CALLBACK_SECRET",
+            f.callback_secret.clone(),
+        )?,
         ..FileConfig::default()
     })
 }
@@ -156,6 +167,11 @@ pub fn tuning(s: &Settings) -> anyhow::Result<crate::up::Tuning> {
         anyhow::ensure!(p <= 100, "breaker_max_ejected_percent must be 0..=100");
         t.breaker.max_ejected_share = f64::from(p) / 100.0;
     }
+    if let Some(secs) = s.task_retention_s {
+        anyhow::ensure!(secs >= 1, "task_retention_s must be at least 1");
+        t.task_retention = Duration::from_secs(secs);
+    }
+    t.callback_secret = s.callback_secret.clone();
     Ok(t)
 }
 
@@ -173,6 +189,8 @@ pub fn resolve_up(a: &UpArgs, env: &Env) -> anyhow::Result<Settings> {
         breaker_ejection_ms: sched.breaker_ejection_ms,
         breaker_max_ejection_ms: sched.breaker_max_ejection_ms,
         breaker_max_ejected_percent: sched.breaker_max_ejected_percent,
+        task_retention_s: sched.task_retention_s,
+        callback_secret: sched.callback_secret,
         ..f
     })
 }

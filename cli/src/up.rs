@@ -24,12 +24,15 @@ pub struct UpConfig {
     pub tuning: Tuning,
 }
 
-/// The order-server's failure-detection and circuit-breaker settings.
-#[derive(Clone, Copy, Debug)]
+/// The order-server's failure detection, circuit breakers, retention and callbacks.
+/// (No `Debug`: it holds the callback secret.)
+#[derive(Clone)]
 pub struct Tuning {
     pub suspect_after: std::time::Duration,
     pub dead_after: std::time::Duration,
     pub breaker: ferry_order_server::BreakerConfig,
+    pub task_retention: std::time::Duration,
+    pub callback_secret: Option<String>,
 }
 
 impl Default for Tuning {
@@ -39,6 +42,8 @@ impl Default for Tuning {
             suspect_after: d.suspect_after,
             dead_after: d.dead_after,
             breaker: d.breaker,
+            task_retention: d.task_retention,
+            callback_secret: d.callback_secret,
         }
     }
 }
@@ -73,6 +78,8 @@ impl Cluster {
                 suspect_after: cfg.tuning.suspect_after,
                 dead_after: cfg.tuning.dead_after,
                 breaker: cfg.tuning.breaker,
+                task_retention: cfg.tuning.task_retention,
+                callback_secret: cfg.tuning.callback_secret.clone(),
                 ..Default::default()
             },
             store.clone(),
@@ -166,10 +173,19 @@ impl Cluster {
 
 /// The admin token: given, or generated once and kept in `DATA_DIR/token` (mode 0600).
 pub fn load_or_create_token(data_dir: &Path, given: Option<String>) -> anyhow::Result<String> {
+    load_or_create_secret(data_dir, "token", given)
+}
+
+/// A secret: given, or generated once and kept in `DATA_DIR/NAME` (mode 0600).
+pub fn load_or_create_secret(
+    data_dir: &Path,
+    name: &str,
+    given: Option<String>,
+) -> anyhow::Result<String> {
     if let Some(t) = given {
         return Ok(t);
     }
-    let path = data_dir.join("token");
+    let path = data_dir.join(name);
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_string();
         if !t.is_empty() {
@@ -210,10 +226,16 @@ pub fn load_or_create_token(data_dir: &Path, given: Option<String>) -> anyhow::R
 
 pub async fn run(args: UpArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let s = resolve_up(&args, env)?;
-    let tuning = crate::settings::tuning(&s)?;
+    let mut tuning = crate::settings::tuning(&s)?;
     let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from(".ferry"));
     let listen = socket_addr(s.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
     let token = load_or_create_token(&data_dir, s.token)?;
+    // Callbacks are signed with a secret of their own (never the admin token).
+    tuning.callback_secret = Some(load_or_create_secret(
+        &data_dir,
+        "callback-secret",
+        tuning.callback_secret.take(),
+    )?);
     let nodes = s.nodes.unwrap_or(2);
     let cluster = Cluster::start(UpConfig {
         listen,

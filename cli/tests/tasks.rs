@@ -254,3 +254,53 @@ async fn a_running_task_is_stopped_on_its_node_when_cancelled() {
     );
     cluster.shutdown().await;
 }
+
+/// A native function's `ferry-progress:` lines show in its task while it runs, and the
+/// progress key is gone once the task is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_shows_in_the_task_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = start(dir.path(), 1).await;
+    let script = "#!/bin/sh\nfor p in 10 35 60 85; do echo \"ferry-progress: $p fps=$p\" >&2; sleep 0.7; done\nprintf done\n";
+    client
+        .deploy("steps", common::native_package("steps", script, ""))
+        .await
+        .unwrap();
+    let id = client
+        .submit("steps", b"{}".to_vec(), &opts())
+        .await
+        .unwrap();
+    let mut seen = vec![];
+    for _ in 0..100 {
+        let t = client.task(&id).await.unwrap();
+        if let Some(p) = t["progress"].as_object() {
+            assert_eq!(t["state"], "running", "{t}");
+            assert_eq!(p["attempt"], 1);
+            let pct = p["percent"].as_f64().unwrap();
+            assert_eq!(p["message"], format!("fps={pct}"), "{t}");
+            if seen.last() != Some(&pct) {
+                seen.push(pct);
+            }
+        }
+        if t["state"] == "succeeded" {
+            assert!(t.get("progress").is_none(), "{t}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.len() >= 2,
+        "several reports seen while it ran: {seen:?}"
+    );
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert!(
+        cluster
+            .store
+            .get(&ferry_core::keys::progress(&id))
+            .await
+            .unwrap()
+            .is_none(),
+        "no progress key outlives its task"
+    );
+    cluster.shutdown().await;
+}

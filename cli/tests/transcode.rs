@@ -299,6 +299,135 @@ fn check_cover(m: &Value, w: u64, h: u64) {
     );
 }
 
+/// The HLS output: the master playlist lists exactly `expect` (in order) with the
+/// renditions' facts, each media playlist cuts at the 2 s keyframes, every variant
+/// decodes cleanly to the source's frame count, and the master plays as a whole.
+fn check_hls(m: &Value, src: &Src, expect: &[&str]) {
+    let master = PathBuf::from(m["hls"]["path"].as_str().unwrap());
+    assert!(master.ends_with("hls/master.m3u8"), "{}", master.display());
+    let text = std::fs::read_to_string(&master).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "#EXTM3U");
+    let mut listed = vec![];
+    for (i, l) in lines.iter().enumerate() {
+        let Some(attrs) = l.strip_prefix("#EXT-X-STREAM-INF:") else {
+            continue;
+        };
+        let uri = lines[i + 1];
+        let name = uri.strip_suffix("/index.m3u8").unwrap();
+        let r = m["renditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is listed but was not delivered"));
+        let attr = |k: &str| {
+            let start = attrs.find(&format!("{k}=")).unwrap() + k.len() + 1;
+            let rest = &attrs[start..];
+            if let Some(q) = rest.strip_prefix('"') {
+                q[..q.find('"').unwrap()].to_string()
+            } else {
+                rest.split(',').next().unwrap().to_string()
+            }
+        };
+        assert_eq!(
+            attr("RESOLUTION"),
+            format!("{}x{}", r["width"], r["height"]),
+            "{name}"
+        );
+        let codecs = attr("CODECS");
+        assert!(
+            codecs.starts_with("hvc1.1.6.L") && codecs.ends_with(".B0,mp4a.40.2"),
+            "{name}: {codecs}"
+        );
+        // The MP4's level, in the codec string.
+        assert!(
+            codecs.contains(&format!(".L{}.", r["level"])),
+            "{name}: {codecs}"
+        );
+        let avg: f64 = attr("AVERAGE-BANDWIDTH").parse().unwrap();
+        let peak: f64 = attr("BANDWIDTH").parse().unwrap();
+        let mp4 = r["total_bitrate_bps"].as_f64().unwrap();
+        assert!(
+            (avg - mp4).abs() <= 0.1 * mp4,
+            "{name}: average bandwidth {avg} vs the MP4's {mp4}"
+        );
+        assert!(peak >= avg, "{name}: peak {peak} < average {avg}");
+
+        // The media playlist: 2 s segments (the last may be shorter), the whole duration.
+        let media = master.parent().unwrap().join(uri);
+        let mtext = std::fs::read_to_string(&media).unwrap();
+        assert!(mtext.contains("#EXT-X-TARGETDURATION:2\n"), "{mtext}");
+        assert!(mtext.contains("#EXT-X-MAP:URI=\"init.mp4\""), "{mtext}");
+        assert!(mtext.trim_end().ends_with("#EXT-X-ENDLIST"), "{mtext}");
+        let durs: Vec<f64> = mtext
+            .lines()
+            .filter_map(|l| l.strip_prefix("#EXTINF:"))
+            .map(|d| d.trim_end_matches(',').parse().unwrap())
+            .collect();
+        let want = (src.duration / 2.0).ceil() as usize;
+        assert_eq!(durs.len(), want, "{name}: segments {durs:?}");
+        for d in &durs[..durs.len() - 1] {
+            assert!((d - 2.0).abs() < 1e-3, "{name}: segments {durs:?}");
+        }
+        let total: f64 = durs.iter().sum();
+        assert!(
+            (total - src.duration).abs() <= 1.0 / src.fps + 1e-3,
+            "{name}: {total} s of segments"
+        );
+        // Every segment starts with a keyframe: keyframes 2 s apart from the first.
+        let keys = keyframes(&media);
+        let rel: Vec<f64> = keys
+            .iter()
+            .map(|k| ((k - keys[0]) * 1000.0).round() / 1000.0)
+            .collect();
+        let want: Vec<f64> = (0..want).map(|k| k as f64 * 2.0).collect();
+        assert_eq!(rel, want, "{name}: keyframes in the HLS variant");
+        let v = video(&media);
+        assert_eq!(num(&v["nb_read_frames"]) as u64, src.frames, "{name}");
+        listed.push(name.to_string());
+    }
+    assert_eq!(
+        listed, expect,
+        "the master lists exactly the delivered rungs"
+    );
+    let variants: Vec<&str> = m["hls"]["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(variants, expect);
+    assert_eq!(m["hls"]["failed"], json!([]));
+    // The master playlist as a player opens it: every variant, decoded, no errors.
+    let (_, errors) = run(Command::new("ffmpeg").args([
+        "-v",
+        "error",
+        "-i",
+        master.to_str().unwrap(),
+        "-map",
+        "0",
+        "-f",
+        "null",
+        "-",
+    ]));
+    assert_eq!(errors, "", "decoding the master playlist");
+    let (o, _) = run(Command::new("ffprobe").args([
+        "-v",
+        "error",
+        "-show_entries",
+        "program=program_id",
+        "-of",
+        "csv=p=0",
+        master.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        o.lines().filter(|l| !l.trim().is_empty()).count(),
+        expect.len(),
+        "one program per variant: {o}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h265_ladder_from_one_decode_passes_every_check() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,7 +439,7 @@ async fn h265_ladder_from_one_decode_passes_every_check() {
 
     let m = invoke(
         &client,
-        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast"}),
+        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast", "hls": true}),
     )
     .await;
     assert_eq!(names(&m["renditions"]), vec!["480p", "720p", "1080p"]);
@@ -336,6 +465,7 @@ async fn h265_ladder_from_one_decode_passes_every_check() {
         "same keyframes in every rung"
     );
     check_cover(&m, 1920, 1080);
+    check_hls(&m, &src, &["480p", "720p", "1080p"]);
     let on_disk: Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(
@@ -385,7 +515,7 @@ async fn a_failing_rung_is_retried_alone_and_the_others_are_delivered() {
     let m = invoke(
         &client,
         json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
-               "fail_rung": "720p"}),
+               "fail_rung": "720p", "hls": true}),
     )
     .await;
     assert!(
@@ -417,6 +547,11 @@ async fn a_failing_rung_is_retried_alone_and_the_others_are_delivered() {
     let keys = check_rendition(&m["renditions"][0], &src, "h265", 854, 480, 800.0);
     assert_eq!(keys, vec![0.0, 2.0, 4.0]);
     check_cover(&m, 1280, 720);
+    check_hls(&m, &src, &["480p"]);
+    assert!(
+        !out.join("hls/720p").exists(),
+        "nothing packaged for the failed rung"
+    );
     cluster.shutdown().await;
 }
 
@@ -527,7 +662,7 @@ async fn a_small_source_over_http_drops_the_taller_rungs() {
     let src = source_facts(&input);
     let http = serve(input.clone());
 
-    // A raw request, to read the log tail (progress lines) as well.
+    // A raw request, to read the log tail as well.
     let body =
         json!({"input": http, "output": url(&dir.path().join("out")), "preset": "ultrafast"});
     let resp = reqwest::Client::new()
@@ -546,12 +681,19 @@ async fn a_small_source_over_http_drops_the_taller_rungs() {
         .map(|v| String::from_utf8(base64_decode(v.to_str().unwrap())).unwrap())
         .unwrap_or_default();
     let m: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    // The function's progress lines (`ferry-progress: …`) are taken out of the log by
+    // the runtime; its other lines stay.
+    assert!(tail.contains("transcode: 1 rung(s)"), "the log: {tail}");
     assert!(
-        tail.contains("progress percent=100.0"),
-        "progress in the log: {tail}"
+        !tail.contains("ferry-progress"),
+        "progress lines kept out of the log: {tail}"
     );
 
     assert_eq!(m["input"], http.as_str());
+    // The node gave this invocation no GPU: the CPU path, and the manifest says why.
+    assert_eq!(m["acceleration"]["path"], "cpu");
+    assert_eq!(m["acceleration"]["encoder"], "libx265");
+    assert_eq!(m["acceleration"]["reason"], "no GPU visible");
     assert_eq!(names(&m["skipped"]), vec!["720p", "1080p"]);
     for s in m["skipped"].as_array().unwrap() {
         assert!(
@@ -638,4 +780,51 @@ async fn bad_input_is_a_function_error_with_a_readable_message() {
     assert!(msg.contains("not valid JSON"), "{msg}");
     assert!(!dir.path().join("out").exists(), "nothing was written");
     cluster.shutdown().await;
+}
+
+/// A GPU named by `CUDA_VISIBLE_DEVICES` that does not work (this machine has none, so
+/// the one-frame NVENC and CUDA-decode probes fail): the function probes, records what
+/// it found, and makes the ladder on the CPU. Runs the function's binary directly,
+/// since the platform does not pass GPU variables yet (the node agent will).
+#[test]
+fn a_visible_gpu_that_does_not_work_leaves_the_cpu_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.mp4");
+    clip(&input, 320, 240, 25, 2);
+    let out = dir.path().join("out");
+    let body = json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
+                      "quality": false, "cover": false,
+                      "ladder": [{"name": "240p", "height": 240, "bitrate_kbps": 300}]});
+    let mut child = Command::new(common::root().join("target/release/transcode"))
+        .current_dir(dir.path())
+        .env("CUDA_VISIBLE_DEVICES", "0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run target/release/transcode (scripts/build-guests.sh)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&serde_json::to_vec(&body).unwrap())
+        .unwrap();
+    let done = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{log}");
+    let m: Value = serde_json::from_slice(&done.stdout).unwrap();
+    let a = &m["acceleration"];
+    assert_eq!(a["path"], "cpu", "{a}");
+    assert_eq!(a["gpus"], json!(["0"]));
+    assert_eq!(
+        a["found"],
+        json!({"hevc_nvenc": false, "h264_nvenc": false, "cuda_decode": false}),
+        "the probe ran and found nothing usable"
+    );
+    assert!(a["reason"].as_str().unwrap().contains("hevc_nvenc"), "{a}");
+    assert_eq!(names(&m["renditions"]), vec!["240p"]);
+    assert!(
+        !dir.path().join("ferry-gpu-probe.mp4").exists(),
+        "the probe's sample is removed"
+    );
 }

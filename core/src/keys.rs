@@ -93,6 +93,32 @@ pub fn running(cluster: &str, instance: &str, task_id: &str) -> String {
     format!("{RUNNING}{cluster}/{instance}/{task_id}")
 }
 
+/// The latest progress report of a running task (`TaskProgress`), apart from the task
+/// so that reports never move the task's revision; deleted with every commit.
+pub const PROGRESS: &str = "/ferry/progress/";
+pub fn progress(task_id: &str) -> String {
+    format!("{PROGRESS}{task_id}")
+}
+
+/// Finished tasks by the second they finished, for retention:
+/// `/ferry/done/{cluster}/{second:011}/{task_id}` (empty values).
+pub const DONE: &str = "/ferry/done/";
+pub fn done_of(cluster: &str) -> String {
+    format!("{DONE}{cluster}/")
+}
+pub fn done(cluster: &str, finished_ms: u64, task_id: &str) -> String {
+    format!("{DONE}{cluster}/{:011}/{task_id}", finished_ms / 1000)
+}
+
+/// `CallbackRecord` per finished task whose callback is not delivered yet.
+pub const CALLBACKS: &str = "/ferry/callbacks/";
+pub fn callbacks_of(cluster: &str) -> String {
+    format!("{CALLBACKS}{cluster}/")
+}
+pub fn callback(cluster: &str, task_id: &str) -> String {
+    format!("{CALLBACKS}{cluster}/{task_id}")
+}
+
 /// A cancellation request for a running task (the owner tells the node).
 pub const CANCELS: &str = "/ferry/cancel/";
 pub fn cancel(task_id: &str) -> String {
@@ -135,13 +161,6 @@ pub fn aliases_of(function: &str) -> String {
 }
 pub fn alias(function: &str, alias: &str) -> String {
     format!("{ALIASES}{function}/{alias}")
-}
-
-/// `CallbackRecord` per task whose result is still to be POSTed to a callback URL:
-/// written with the task, deleted once delivered (or given up).
-pub const CALLBACKS: &str = "/ferry/callbacks/";
-pub fn callback(task_id: &str) -> String {
-    format!("{CALLBACKS}{task_id}")
 }
 
 /// `RerunRecord` per batch re-run (`POST /v1/reruns`).

@@ -289,26 +289,6 @@ pub struct AliasRecord {
     pub updated_ms: u64,
 }
 
-/// A task's pending callback (`/ferry/callbacks/{task}`): delivered at least once by
-/// some gateway after the task ends, with retries.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallbackRecord {
-    pub task_id: String,
-    pub url: String,
-    pub created_ms: u64,
-    /// Deliveries tried so far.
-    #[serde(default)]
-    pub attempts: u32,
-    /// Not to be tried before this time (backoff).
-    #[serde(default)]
-    pub next_ms: u64,
-    /// The gateway delivering it now, until `claimed_until_ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claimed_by: Option<String>,
-    #[serde(default)]
-    pub claimed_until_ms: u64,
-}
-
 /// A batch re-run (`/ferry/reruns/{id}`): which tasks a selection matched and the new
 /// tasks submitted for them (on the batch priority class).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -167,10 +167,54 @@ pub struct TaskRecord {
     pub log_tail: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// How the callback is shaped (Ferry's JSON envelope, or OpenFaaS's raw result).
+    #[serde(default, skip_serializing_if = "CallbackStyle::is_default")]
+    pub callback_style: CallbackStyle,
+    /// Delivery of the callback, once it is over (delivered or given up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackStatus>,
     #[serde(default)]
     pub request_id: String,
     #[serde(default)]
     pub cancel_requested: bool,
+}
+
+/// The shape of a task's callback request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackStyle {
+    /// POST of a JSON envelope (task id, state, output, error), signed.
+    #[default]
+    Ferry,
+    /// OpenFaaS: POST of the function's raw output, `X-Function-Status` and `X-Call-Id`.
+    Openfaas,
+}
+
+impl CallbackStyle {
+    pub fn is_default(&self) -> bool {
+        *self == CallbackStyle::Ferry
+    }
+}
+
+/// How a callback delivery ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackStatus {
+    pub delivered: bool,
+    pub attempts: u32,
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// `/ferry/callbacks/{cluster}/{task_id}`: a callback still to deliver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackRecord {
+    pub task_id: String,
+    pub attempts: u32,
+    /// Not before this time (retry backoff).
+    pub next_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// The value of a queue key.
@@ -213,6 +257,8 @@ impl TaskRecord {
             error_code: None,
             log_tail: String::new(),
             callback_url: None,
+            callback_style: CallbackStyle::Ferry,
+            callback: None,
             request_id: String::new(),
             cancel_requested: false,
         }
@@ -225,6 +271,17 @@ impl TaskRecord {
             enqueued_ms: self.updated_ms,
         }
     }
+}
+
+/// The latest progress of a running attempt (`/ferry/progress/{id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    pub attempt: u32,
+    /// 0 to 100.
+    pub percent: f32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    pub updated_ms: u64,
 }
 
 /// How an attempt ended, as far as retries are concerned.

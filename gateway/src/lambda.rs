@@ -236,6 +236,7 @@ pub async fn invoke(
                 &qualified,
                 &headers,
                 Body::from(body),
+                ferry_core::task::CallbackStyle::Ferry,
             )
             .await;
             match r {

@@ -18,7 +18,6 @@ use tracing::{info, warn};
 mod aliases;
 mod api;
 pub mod blobs;
-mod callbacks;
 mod catalog;
 pub mod error;
 mod idempotency;
@@ -209,9 +208,6 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }));
-
-    // Deliver the callbacks of ended tasks.
-    tasks.push(tokio::spawn(callbacks::run(state.clone())));
 
     let app = api::router(state);
     let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();

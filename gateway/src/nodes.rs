@@ -16,8 +16,10 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::error::ApiResult;
+use crate::tenancy::Principal;
 
 type St = State<Arc<AppState>>;
+type Who = axum::Extension<Principal>;
 
 /// How long the listing waits for an order-server's live view.
 const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -85,7 +87,8 @@ fn recorded(r: &NodeRecord, admin: NodeAdmin) -> Value {
 }
 
 /// `GET /v1/nodes`: live nodes first-hand; the others as last recorded.
-pub async fn list(State(st): St) -> ApiResult<Json<Value>> {
+pub async fn list(State(st): St, who: Who) -> ApiResult<Json<Value>> {
+    who.require_admin()?;
     let (records, admins) = tokio::try_join!(
         st.store.range(keys::NODES),
         st.store.range(keys::NODE_ADMIN)
@@ -136,9 +139,11 @@ pub struct AdminQuery {
 /// the store so it outlives the node's attachments and every order-server honours it.
 pub async fn admin(
     State(st): St,
+    who: Who,
     Path((id, action)): Path<(String, String)>,
     Query(q): Query<AdminQuery>,
 ) -> ApiResult<Json<Value>> {
+    who.require_admin()?;
     let state = match action.as_str() {
         "drain" => NodeAdmin::Draining,
         "eject" => NodeAdmin::Ejected,

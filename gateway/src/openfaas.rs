@@ -158,7 +158,18 @@ pub async fn submit(
         headers.insert("x-ferry-callback-url", url.clone());
     }
     let (shown, qualified) = split_qualifier(&name);
-    let resp = match submit_task(&st, &who, &rid.0, shown, &qualified, &headers, body).await {
+    let resp = match submit_task(
+        &st,
+        &who,
+        &rid.0,
+        shown,
+        &qualified,
+        &headers,
+        body,
+        ferry_core::task::CallbackStyle::Openfaas,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => return error_text(&e.0),
     };

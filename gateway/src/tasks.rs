@@ -61,6 +61,9 @@ pub fn view(who: &Principal, t: &TaskRecord) -> serde_json::Value {
     if !t.log_tail.is_empty() {
         v["log_tail"] = json!(t.log_tail);
     }
+    if let Some(c) = &t.callback {
+        v["callback"] = json!(c);
+    }
     if let Some(out) = &t.output {
         use base64::Engine;
         v["output_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(out));
@@ -88,12 +91,23 @@ pub async fn submit(
     body: Body,
 ) -> ApiResult<Response> {
     let (shown_name, qualified) = split_qualifier(&name);
-    submit_task(&st, &who, &rid.0, shown_name, &qualified, &headers, body).await
+    submit_task(
+        &st,
+        &who,
+        &rid.0,
+        shown_name,
+        &qualified,
+        &headers,
+        body,
+        ferry_core::task::CallbackStyle::Ferry,
+    )
+    .await
 }
 
 /// Submits an async task of `shown_name` (as `who` names it): resolution, limits, the
 /// body, priority, callback and idempotency, then the commit; answers the native 202.
 /// Shared by the native route and the compatibility routes.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn submit_task(
     st: &AppState,
     who: &Principal,
@@ -102,6 +116,7 @@ pub(crate) async fn submit_task(
     qualified: &crate::catalog::Qualifier,
     headers: &HeaderMap,
     body: Body,
+    callback_style: ferry_core::task::CallbackStyle,
 ) -> ApiResult<Response> {
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
@@ -152,6 +167,7 @@ pub(crate) async fn submit_task(
         now,
     );
     task.callback_url = callback_url;
+    task.callback_style = callback_style;
     task.request_id = request_id.to_string();
     let body_sha256 = ferry_core::id::sha256_hex(&input);
     let tkey = keys::task(&task.id);
@@ -165,23 +181,6 @@ pub(crate) async fn submit_task(
             keys::queued(&cluster, &task.id),
             serde_json::to_vec(&task.queue_entry()).unwrap_or_default(),
         ));
-    // The callback is pending from the same commit, so it cannot be lost.
-    let base = match &task.callback_url {
-        None => base,
-        Some(url) => base.then(Op::put(
-            keys::callback(&task.id),
-            serde_json::to_vec(&ferry_core::model::CallbackRecord {
-                task_id: task.id.clone(),
-                url: url.clone(),
-                created_ms: now,
-                attempts: 0,
-                next_ms: 0,
-                claimed_by: None,
-                claimed_until_ms: 0,
-            })
-            .unwrap_or_default(),
-        )),
-    };
     let Some(key) = idempotency_key else {
         st.store.txn(base).await?;
         return Ok(accepted(&task.id, Some(&task), false));
@@ -280,10 +279,22 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let (mut t, _) = load(&st, &who, &id).await?;
+    let mut progress = None;
     if !t.state.is_final() {
         t.cancel_requested = st.store.get(&keys::cancel(&t.id)).await?.is_some();
     }
-    Ok(Json(view(&who, &t)))
+    if t.state == TaskState::Running
+        && let Some(kv) = st.store.get(&keys::progress(&t.id)).await?
+        && let Ok(p) = serde_json::from_slice::<ferry_core::task::TaskProgress>(&kv.value)
+        && p.attempt == t.attempt
+    {
+        progress = Some(p);
+    }
+    let mut v = view(&who, &t);
+    if let Some(p) = progress {
+        v["progress"] = serde_json::json!(p);
+    }
+    Ok(Json(v))
 }
 
 #[derive(Deserialize)]

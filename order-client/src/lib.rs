@@ -316,6 +316,13 @@ impl Agent {
 
     /// Sends on the current stream (waiting in a task if it is momentarily full), or
     /// keeps the message for the next stream while disconnected.
+    /// Sends now if connected; otherwise drops the message.
+    fn send_lossy(&self, msg: NodeMessage) {
+        if let Some(tx) = lock(&self.inner.outbound).clone() {
+            let _ = tx.try_send(msg);
+        }
+    }
+
     fn send(&self, msg: NodeMessage) {
         let tx = lock(&self.inner.outbound).clone();
         let msg = match tx {
@@ -458,6 +465,7 @@ impl Agent {
             }
         };
         result.cold = cold;
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel();
         let req = ferry_runtime::Request {
             input: a.input,
             limits: Limits {
@@ -468,8 +476,28 @@ impl Agent {
             function: spec.name.clone(),
             version: spec.version,
             request_id: a.request_id,
+            progress: Some(progress_tx),
         };
-        match self.inner.runtime.invoke(&spec.package_sha256, req).await {
+        // Progress goes to the order-server as it comes (dropped while disconnected:
+        // only the latest matters, and the result follows anyway).
+        let agent = self.clone();
+        let (task_id, attempt) = (a.task_id.clone(), a.attempt);
+        let forward = tokio::spawn(async move {
+            while let Some(p) = progress_rx.recv().await {
+                agent.send_lossy(NodeMessage {
+                    msg: Some(node_message::Msg::Progress(proto::Progress {
+                        task_id: task_id.clone(),
+                        attempt,
+                        percent: p.percent,
+                        message: p.message,
+                    })),
+                });
+            }
+        });
+        let invoked = self.inner.runtime.invoke(&spec.package_sha256, req).await;
+        // The runtime drops its sender when the process ends; never wait long for it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), forward).await;
+        match invoked {
             Ok(inv) => {
                 result.log_tail = inv.log_tail;
                 match inv.outcome {

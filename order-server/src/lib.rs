@@ -13,6 +13,7 @@ use std::time::Duration;
 use ferry_store::Store;
 
 pub mod breaker;
+mod housekeeping;
 pub mod placement;
 mod registry;
 mod service;
@@ -22,7 +23,8 @@ pub use breaker::BreakerConfig;
 pub use service::OrderService;
 
 /// An order-server instance's settings.
-#[derive(Clone, Debug)]
+/// (No `Debug`: it holds the token and the callback secret.)
+#[derive(Clone)]
 pub struct Config {
     /// Instance id; unique per process. Defaults to a fresh random id.
     pub id: String,
@@ -50,6 +52,11 @@ pub struct Config {
     pub steal_after: Duration,
     /// How often running tasks of vanished instances are looked for.
     pub orphan_sweep: Duration,
+    /// Finished tasks are removed this long after they finished.
+    pub task_retention: Duration,
+    /// Key of the HMAC-SHA256 signature on task callbacks (`X-Ferry-Signature`);
+    /// without one, callbacks go unsigned.
+    pub callback_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -68,6 +75,8 @@ impl Default for Config {
             assignment_grace: Duration::from_secs(30),
             steal_after: Duration::from_secs(2),
             orphan_sweep: Duration::from_secs(1),
+            task_retention: Duration::from_secs(7 * 24 * 3600),
+            callback_secret: None,
         }
     }
 }

@@ -57,6 +57,9 @@ pub(crate) struct Inner {
     pub(crate) stale_completions: AtomicU64,
     /// The operator's settings for this cluster's nodes (drain, eject, restore).
     node_admin: WatchCache,
+    /// Callbacks still to deliver, and a wake-up when a delivery ends.
+    pub(crate) callbacks: WatchCache,
+    pub(crate) callback_done: Notify,
 }
 
 impl OrderService {
@@ -71,6 +74,7 @@ impl OrderService {
         let cancels = WatchCache::start(store.clone(), keys::CANCELS).await?;
         let node_admin =
             WatchCache::start(store.clone(), &keys::node_admin_of(&cfg.cluster)).await?;
+        let callbacks = WatchCache::start(store.clone(), &keys::callbacks_of(&cfg.cluster)).await?;
         let (events_tx, events) = mpsc::unbounded_channel();
         let registry_cfg = RegistryConfig {
             suspect_after: cfg.suspect_after,
@@ -94,6 +98,8 @@ impl OrderService {
                 capacity_freed: Notify::new(),
                 stale_completions: AtomicU64::new(0),
                 node_admin,
+                callbacks,
+                callback_done: Notify::new(),
             }),
         };
         svc.register().await?;
@@ -106,6 +112,8 @@ impl OrderService {
             tokio::spawn(svc.clone().cancel_loop()),
             tokio::spawn(svc.clone().node_event_loop(events)),
             tokio::spawn(svc.clone().node_admin_loop()),
+            tokio::spawn(svc.clone().retention_loop()),
+            tokio::spawn(svc.clone().callback_loop()),
         ];
         svc.inner
             .tasks
@@ -444,6 +452,7 @@ impl OrderService {
             }
             Some(node_message::Msg::Progress(p)) => {
                 debug!(node_id, task_id = %p.task_id, percent = p.percent, "progress");
+                self.progress(p);
             }
             Some(node_message::Msg::Result(r)) => {
                 nodes.heartbeat(node_id, conn, None);

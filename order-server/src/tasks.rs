@@ -39,7 +39,16 @@ const AGING_MS: u64 = 30_000;
 #[derive(Clone)]
 pub(crate) struct Inflight {
     pub node: String,
+    pub attempt: u32,
+    /// The running key our claim wrote, at `claim_rev`: progress is written only while
+    /// it is still there unchanged (the attempt is still ours and not committed).
+    pub running_key: String,
+    pub claim_rev: i64,
+    pub last_progress: Option<std::time::Instant>,
 }
+
+/// At most one progress write per task per this interval.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 fn rendezvous(task_id: &str, instances: &[String]) -> Option<String> {
     instances
@@ -279,6 +288,10 @@ impl OrderService {
                 task.id.clone(),
                 Inflight {
                     node: p.node_id.clone(),
+                    attempt: task.attempt,
+                    running_key: running_key.clone(),
+                    claim_rev,
+                    last_progress: None,
                 },
             );
         let assignment = ServerMessage {
@@ -399,7 +412,9 @@ impl OrderService {
         }
         task.owner = None;
         task.updated_ms = now;
-        let mut txn = Txn::new().when(Compare::mod_revision(keys::task(&task_id), expected_rev));
+        let mut txn = Txn::new()
+            .when(Compare::mod_revision(keys::task(&task_id), expected_rev))
+            .then(Op::delete(keys::progress(&task_id)));
         if as_owner {
             txn = txn.when(self.fence());
         }
@@ -420,7 +435,22 @@ impl OrderService {
                 } else {
                     error
                 };
-                txn = txn.then(Op::delete(keys::cancel(&task_id)));
+                txn = txn.then(Op::delete(keys::cancel(&task_id))).then(Op::put(
+                    keys::done(&task.cluster, now, &task_id),
+                    Vec::new(),
+                ));
+                if task.callback_url.is_some() {
+                    let cb = ferry_core::task::CallbackRecord {
+                        task_id: task_id.clone(),
+                        attempts: 0,
+                        next_ms: now,
+                        last_error: None,
+                    };
+                    txn = txn.then(Op::put(
+                        keys::callback(&task.cluster, &task_id),
+                        serde_json::to_vec(&cb).unwrap_or_default(),
+                    ));
+                }
             }
             Next::Retry { not_before_ms } => {
                 task.state = TaskState::Queued;
@@ -466,6 +496,56 @@ impl OrderService {
                 false
             }
         }
+    }
+
+    /// A progress report from a node: kept (throttled) under the task's progress key
+    /// while the attempt is still ours and running.
+    pub(crate) fn progress(&self, p: proto::Progress) {
+        let Some((task_id, _)) = p.task_id.split_once('#') else {
+            return; // synchronous invocations have no task to show it on
+        };
+        let now = std::time::Instant::now();
+        let target = {
+            let mut inflight = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match inflight.get_mut(task_id) {
+                Some(i)
+                    if i.attempt == p.attempt
+                        && i.last_progress.is_none_or(|t| now - t >= PROGRESS_EVERY) =>
+                {
+                    i.last_progress = Some(now);
+                    Some((i.running_key.clone(), i.claim_rev))
+                }
+                _ => None,
+            }
+        };
+        let Some((running_key, claim_rev)) = target else {
+            return;
+        };
+        let record = ferry_core::task::TaskProgress {
+            attempt: p.attempt,
+            percent: p.percent.clamp(0.0, 100.0),
+            message: p.message.chars().take(256).collect(),
+            updated_ms: ferry_core::now_ms(),
+        };
+        let svc = self.clone();
+        let key = keys::progress(task_id);
+        tokio::spawn(async move {
+            // The running key is deleted by the commit: a report that arrives after it
+            // writes nothing, so no progress key outlives its task's attempt.
+            let txn = Txn::new()
+                .when(Compare::mod_revision(&running_key, claim_rev))
+                .then(Op::put(
+                    key,
+                    serde_json::to_vec(&record).unwrap_or_default(),
+                ));
+            if let Err(e) = svc.inner.store.txn(txn).await {
+                debug!(error = %e, "progress not recorded");
+            }
+        });
     }
 
     /// A result for a task this instance did not place: adopt it if that attempt is

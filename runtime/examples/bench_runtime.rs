@@ -85,6 +85,7 @@ fn main() {
         function: "hello".into(),
         version: 1,
         request_id: "bench".into(),
+        progress: None,
     };
     let check = rt.invoke_wasm_blocking(&sha, &req).unwrap();
     assert!(

@@ -27,8 +27,11 @@ use std::time::{Duration, Instant};
 
 use ferry_core::package::{Kind, Limits};
 use ferry_core::{Error, ErrorCode};
+pub use progress::Progress;
 
+pub mod cgroup;
 pub mod native;
+pub mod progress;
 mod tail;
 mod wasm;
 
@@ -48,6 +51,9 @@ pub struct Config {
     pub log_tail_bytes: usize,
     /// The largest response body an invocation may produce.
     pub max_output_bytes: usize,
+    /// How native functions' CPU and memory are limited: a cgroup v2 per invocation
+    /// where possible, rlimits otherwise (see [`cgroup`]).
+    pub cgroup: cgroup::CgroupSetting,
 }
 
 impl Default for Config {
@@ -59,6 +65,7 @@ impl Default for Config {
             max_unpacked_bytes: 1 << 30,
             log_tail_bytes: 4096,
             max_output_bytes: 64 << 20,
+            cgroup: cgroup::CgroupSetting::Auto,
         }
     }
 }
@@ -71,6 +78,10 @@ pub struct Request {
     pub function: String,
     pub version: u32,
     pub request_id: String,
+    /// Where a native function's progress reports go while it runs (see [`progress`]
+    /// for the stderr line format); `None`: they are parsed and dropped. Never part of
+    /// the log tail either way.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
 }
 
 /// How an invocation ended.
@@ -197,6 +208,8 @@ struct Inner {
     /// One permit per wasm instance slot: invocations past the pool's size queue here
     /// instead of failing to instantiate.
     wasm_slots: Arc<tokio::sync::Semaphore>,
+    /// What limits native functions here (decided once, at start).
+    limiter: cgroup::Limiter,
 }
 
 impl Runtime {
@@ -214,7 +227,10 @@ impl Runtime {
         cfg.cache_dir = std::fs::canonicalize(&cfg.cache_dir)
             .map_err(|e| io_error("resolve", &cfg.cache_dir, e))?;
         let wasm = wasm::WasmEngine::new(&cfg)?;
+        let limiter = cgroup::decide(&cfg.cgroup, &cgroup::read_host());
+        tracing::info!(limits = %limiter.describe(), "native functions are limited by");
         Ok(Self(Arc::new(Inner {
+            limiter,
             wasm,
             prepared: RwLock::new(HashMap::new()),
             preparing: Mutex::new(HashMap::new()),
@@ -225,6 +241,12 @@ impl Runtime {
 
     pub fn config(&self) -> &Config {
         &self.0.cfg
+    }
+
+    /// What limits native functions' CPU and memory on this node: a cgroup v2 per
+    /// invocation, or rlimits (with the reason).
+    pub fn native_limits(&self) -> &cgroup::Limiter {
+        &self.0.limiter
     }
 
     fn package_path(&self, sha: &str) -> PathBuf {
@@ -446,7 +468,7 @@ impl Runtime {
                     }),
                 }
             }
-            Prepared::Native(f) => Ok(native::invoke(f, &req, &self.0.cfg).await),
+            Prepared::Native(f) => Ok(native::invoke(f, &req, &self.0.cfg, &self.0.limiter).await),
         }
     }
 

@@ -11,18 +11,24 @@
 //! * **I/O**: the input is written to stdin (concurrently with reading stdout, then
 //!   closed); stdout is the output, at most `max_output_bytes` (more: the process
 //!   group is killed and the outcome is `Failed`); the last `log_tail_bytes` of stderr
-//!   are the log tail.
+//!   are the log tail, except progress lines (`ferry-progress: <percent> <text>`),
+//!   which are parsed as they arrive and sent to [`Request::progress`] (see
+//!   [`crate::progress`]).
 //! * **processes**: the entrypoint leads its own process group. On timeout the whole
 //!   group gets SIGKILL (background children included) and the outcome is `TimedOut`;
 //!   when the entrypoint exits, whatever it left running in its group is killed too.
-//!   A process that leaves the group (`setsid`) escapes this: confining that needs
-//!   cgroups.
-//! * **memory**: `RLIMIT_AS` (address space, per process) is set to
+//!   A process that leaves the group (`setsid`) escapes this unless cgroups are in
+//!   force.
+//! * **CPU and memory** (see [`crate::cgroup`]): where the host delegates a cgroup v2
+//!   subtree, each invocation runs in its own cgroup with `cpu.max` from
+//!   `limits.cpu_millis` and `memory.max` from `limits.memory_mb` (all its processes,
+//!   page cache included; a kill by it reads "killed by the memory limit"); the process
+//!   joins it before `exec`, and whatever is left in it is killed at the end, `setsid`
+//!   or not. Otherwise `RLIMIT_AS` (address space, per process) is set to
 //!   `limits.memory_mb` MiB, but never below [`MIN_ADDRESS_SPACE_MB`] since the
-//!   dynamic loader alone needs a few MiB. Address space is not resident memory:
-//!   programs that reserve large virtual ranges (JVMs, Go, some allocators) need a
-//!   higher limit than they use. A cgroup v2 memory limit per invocation (accounting
-//!   all processes and the page cache) is future work.
+//!   dynamic loader alone needs a few MiB, and the CPU is not limited. Address space is
+//!   not resident memory: programs that reserve large virtual ranges (JVMs, Go, some
+//!   allocators) need a higher limit than they use.
 //! * exit status 0 → `Succeeded(stdout)`; otherwise `FunctionError("exit status N:
 //!   <last stderr line>")` (or "killed by signal N").
 
@@ -37,6 +43,8 @@ use ferry_core::{Error, ErrorCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use crate::cgroup::{InvocationGroup, Limiter};
+use crate::progress::Splitter;
 use crate::tail::{Tail, last_line};
 use crate::{Config, Invocation, Outcome, Request, RuntimeError};
 
@@ -157,6 +165,27 @@ fn remove_dir(dir: &Path) {
     }
 }
 
+/// An invocation's cgroup, removed by [`Cgroup::remove`] or, failing that, when dropped
+/// (also when the invocation is abandoned).
+struct Cgroup(Option<InvocationGroup>);
+
+impl Cgroup {
+    /// Kills what is left in it and removes it, off the async threads.
+    async fn remove(mut self) {
+        if let Some(g) = self.0.take() {
+            let _ = tokio::task::spawn_blocking(move || g.remove()).await;
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Some(g) = self.0.take() {
+            g.remove();
+        }
+    }
+}
+
 /// A directory name from a request id: its safe characters, plus randomness so
 /// concurrent invocations never share one.
 fn scratch_name(request_id: &str) -> String {
@@ -207,31 +236,35 @@ async fn read_capped(mut r: impl AsyncRead + Unpin, cap: usize, pgid: u32) -> (V
     }
 }
 
-async fn read_tail(mut r: impl AsyncRead + Unpin, tail: &Mutex<Tail>) {
+/// Reads stderr to its end: progress lines to the channel, the rest to the tail.
+async fn read_stderr(mut r: impl AsyncRead + Unpin, tail: &Mutex<Tail>, mut split: Splitter) {
     let mut chunk = vec![0u8; 16 * 1024];
     while let Ok(n) = r.read(&mut chunk).await {
         if n == 0 {
             break;
         }
-        tail.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(&chunk[..n]);
+        let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
+        split.push(&chunk[..n], &mut t, Instant::now());
     }
+    let mut t = tail.lock().unwrap_or_else(PoisonError::into_inner);
+    split.finish(&mut t, Instant::now());
 }
 
 /// Runs one invocation of a native function. Never fails: problems are outcomes.
-pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> Invocation {
+pub(crate) async fn invoke(
+    f: &NativeFunction,
+    req: &Request,
+    cfg: &Config,
+    limiter: &Limiter,
+) -> Invocation {
     let start = Instant::now();
     let done = |outcome, log_tail| Invocation {
         outcome,
         log_tail,
         duration: start.elapsed(),
     };
-    let scratch = Scratch(Some(
-        cfg.cache_dir
-            .join("scratch")
-            .join(scratch_name(&req.request_id)),
-    ));
+    let name = scratch_name(&req.request_id);
+    let scratch = Scratch(Some(cfg.cache_dir.join("scratch").join(&name)));
     if let Err(e) = std::fs::create_dir_all(scratch.path()) {
         return done(
             Outcome::Failed(format!("create scratch directory: {e}")),
@@ -254,10 +287,43 @@ pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> I
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    limit_address_space(&mut cmd, req.limits.memory_mb);
+    let group = match limiter {
+        Limiter::Cgroup { root } => {
+            let (root, name) = (root.clone(), name.clone());
+            let (cpu, mem) = (req.limits.cpu_millis, req.limits.memory_mb);
+            let made = tokio::task::spawn_blocking(move || {
+                InvocationGroup::create(&root, &name, cpu, mem)
+            })
+            .await;
+            match made {
+                Ok(Ok(g)) => Some(Cgroup(Some(g))),
+                Ok(Err(e)) => {
+                    return done(
+                        Outcome::Failed(format!("cannot create the invocation's cgroup: {e}")),
+                        String::new(),
+                    );
+                }
+                Err(e) => {
+                    return done(
+                        Outcome::Failed(format!("cgroup setup panicked: {e}")),
+                        String::new(),
+                    );
+                }
+            }
+        }
+        Limiter::Rlimit { .. } => None,
+    };
+    match group.as_ref().and_then(|g| g.0.as_ref()) {
+        // The cgroup limits memory (resident, all processes): no address-space cap.
+        Some(g) => g.join_before_exec(&mut cmd),
+        None => limit_address_space(&mut cmd, req.limits.memory_mb),
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
+            if let Some(g) = group {
+                g.remove().await;
+            }
             return done(
                 Outcome::Failed(format!("could not start {}: {e}", f.program.display())),
                 String::new(),
@@ -270,7 +336,7 @@ pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> I
             String::new(),
         );
     };
-    let group = Group(pgid);
+    let pgroup = Group(pgid);
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let tail = Arc::new(Mutex::new(Tail::new(cfg.log_tail_bytes)));
     let tail_text = || tail.lock().unwrap_or_else(PoisonError::into_inner).text();
@@ -297,7 +363,7 @@ pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> I
         };
         let read_err = async {
             if let Some(r) = stderr {
-                read_tail(r, &tail).await;
+                read_stderr(r, &tail, Splitter::new(req.progress.clone())).await;
             }
         };
         let (status, (out, overflow), (), ()) = tokio::join!(wait, read_out, read_err, write);
@@ -321,6 +387,18 @@ pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> I
             let how = match (status.code(), status.signal()) {
                 (Some(0), _) => None,
                 (Some(code), _) => Some(format!("exit status {code}")),
+                (None, Some(sig))
+                    if sig == libc::SIGKILL
+                        && group
+                            .as_ref()
+                            .and_then(|g| g.0.as_ref())
+                            .is_some_and(InvocationGroup::oom_killed) =>
+                {
+                    Some(format!(
+                        "killed by the memory limit ({} MiB, cgroup memory.max)",
+                        req.limits.memory_mb
+                    ))
+                }
                 (None, Some(sig)) => Some(format!("killed by signal {sig}")),
                 (None, None) => Some("ended abnormally".to_string()),
             };
@@ -331,7 +409,10 @@ pub(crate) async fn invoke(f: &NativeFunction, req: &Request, cfg: &Config) -> I
             }
         }
     };
-    drop(group);
+    drop(pgroup);
+    if let Some(g) = group {
+        g.remove().await;
+    }
     scratch.remove().await;
     done(outcome, tail_text())
 }

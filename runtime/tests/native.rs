@@ -373,3 +373,122 @@ async fn an_abandoned_invocation_still_cleans_up() {
     );
     assert!(scratch_entries(&dir).is_empty());
 }
+
+#[tokio::test]
+async fn progress_lines_arrive_while_the_process_runs_and_stay_out_of_the_log() {
+    // The script reports 50%, then waits for the test to create a file (so the report
+    // must have arrived while it still ran), then reports 100% and ends.
+    let script = "#!/bin/sh\n\
+        go=$(cat)\n\
+        echo 'starting' >&2\n\
+        echo 'ferry-progress: 50.5 fps=118.3 speed=3.9x' >&2\n\
+        i=0\n\
+        while [ ! -e \"$go\" ]; do i=$((i+1)); [ $i -gt 3000 ] && exit 9; sleep 0.01; done\n\
+        echo 'ferry-progress: not-a-number' >&2\n\
+        echo 'ferry-progress: 100 done' >&2\n\
+        echo 'finished' >&2\n\
+        echo ok\n";
+    let (dir, rt, sha) = prepared(script);
+    let go = dir.path().join("go");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut req = request(go.display().to_string().as_bytes(), limits(64, 60_000));
+    req.progress = Some(tx);
+    let running = tokio::spawn({
+        let rt = rt.clone();
+        async move { rt.invoke(&sha, req).await }
+    });
+    let first = rx.recv().await.expect("a progress report while running");
+    assert_eq!(first.percent, 50.5);
+    assert_eq!(first.message, "fps=118.3 speed=3.9x");
+    assert!(!running.is_finished(), "the report came before the end");
+    std::fs::write(&go, b"").unwrap();
+    let inv = running.await.unwrap().unwrap();
+    assert_eq!(inv.outcome, Outcome::Succeeded(b"ok\n".to_vec()));
+    let last = rx.recv().await.expect("the final report");
+    assert_eq!((last.percent, last.message.as_str()), (100.0, "done"));
+    assert!(
+        rx.recv().await.is_none(),
+        "nothing else, and the sender is dropped"
+    );
+    assert_eq!(
+        inv.log_tail, "starting\nferry-progress: not-a-number\nfinished\n",
+        "progress lines are not in the log tail; malformed ones are"
+    );
+}
+
+#[tokio::test]
+async fn with_a_cgroup_root_each_invocation_gets_its_own_cgroup_with_the_limits() {
+    // A stand-in cgroup directory (this host has no cgroup v2 controllers to delegate):
+    // plain files, so the test sees what the runtime writes where the kernel would read.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cg");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory pids").unwrap();
+    std::fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+    let rt = ferry_runtime::Runtime::new(ferry_runtime::Config {
+        cache_dir: dir.path().join("cache"),
+        cgroup: ferry_runtime::cgroup::CgroupSetting::Root(root.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        rt.native_limits(),
+        &ferry_runtime::cgroup::Limiter::Cgroup { root: root.clone() }
+    );
+    let script = "#!/bin/sh\nroot=$(cat)\nd=$(ls -d \"$root\"/ferry-*)\n\
+        echo \"pid=$$ procs=$(cat \"$d/cgroup.procs\") cpu=$(cat \"$d/cpu.max\") mem=$(cat \"$d/memory.max\") as=$(ulimit -v)\"\n";
+    let (sha, bytes) = native_package(script);
+    rt.prepare(&sha, &bytes).unwrap();
+    let mut l = limits(96, 10_000);
+    l.cpu_millis = 1500;
+    let inv = rt
+        .invoke(&sha, request(root.display().to_string().as_bytes(), l))
+        .await
+        .unwrap();
+    let Outcome::Succeeded(out) = &inv.outcome else {
+        panic!("{:?} {}", inv.outcome, inv.log_tail);
+    };
+    let out = String::from_utf8_lossy(out);
+    let field = |k: &str| {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} in {out}"))
+            .to_string()
+    };
+    assert_eq!(
+        field("procs"),
+        field("pid"),
+        "the process joined before exec: {out}"
+    );
+    assert_eq!(field("cpu"), "150000", "1.5 CPUs of each 100 ms: {out}");
+    assert!(out.contains("cpu=150000 100000"), "{out}");
+    assert_eq!(field("mem"), (96u64 << 20).to_string());
+    assert_eq!(field("as"), "unlimited", "no RLIMIT_AS under a cgroup");
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ferry-"))
+        .collect();
+    assert!(left.is_empty(), "the invocation's cgroup is removed");
+}
+
+#[tokio::test]
+async fn a_flood_of_stderr_keeps_only_a_capped_tail() {
+    // 4 MB of log lines and progress reports: the runtime keeps the last
+    // `log_tail_bytes` (1024 in these tests) and memory stays bounded.
+    let script = "#!/bin/sh\n\
+        yes 'a log line that repeats' | head -n 100000 >&2\n\
+        yes 'ferry-progress: 50 x' | head -n 50000 >&2\n\
+        echo 'the end' >&2\n\
+        echo ok\n";
+    let (dir, rt, sha) = prepared(script);
+    let inv = rt
+        .invoke(&sha, request(b"", limits(64, 30_000)))
+        .await
+        .unwrap();
+    assert_eq!(inv.outcome, Outcome::Succeeded(b"ok\n".to_vec()));
+    assert!(inv.log_tail.len() <= 1024, "{}", inv.log_tail.len());
+    assert!(inv.log_tail.ends_with("a log line that repeats\nthe end\n"));
+    assert!(!inv.log_tail.contains("ferry-progress"));
+    assert!(scratch_entries(&dir).is_empty());
+}

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::gpu::{Accel, Plan, nvenc_preset};
 use crate::ladder::{Planned, even};
 use crate::probe::Source;
 use crate::request::{Codec, Job};
@@ -36,6 +37,10 @@ pub struct Settings {
     pub fail_rung: Option<String>,
     /// x265 worker threads per encoder (ignored in reproducible mode: single-threaded).
     pub pool_threads: usize,
+    /// Where the ladder is decoded/scaled and encoded (see [`crate::gpu`]); the cover
+    /// and quality passes always run on the CPU.
+    pub accel: Accel,
+    pub cuda_decode: bool,
 }
 
 /// Frames between keyframes: the interval times the frame rate, at least 1.
@@ -57,7 +62,16 @@ impl Settings {
             reproducible: job.reproducible,
             fail_rung: job.fail_rung.clone(),
             pool_threads: cores.clamp(1, MAX_X265_POOL),
+            accel: Accel::Cpu,
+            cuda_decode: false,
         }
+    }
+
+    /// These settings on the path a [`Plan`] chose.
+    pub fn on(mut self, plan: &Plan) -> Self {
+        self.accel = plan.path;
+        self.cuda_decode = plan.cuda_decode();
+        self
     }
 }
 
@@ -92,24 +106,36 @@ pub fn ladder_args(set: &Settings, rungs: &[Planned], dir: &Path) -> Vec<String>
         .map(s)
         .into();
     a.extend(["-nostats", "-progress", "pipe:1", "-stats_period", "1"].map(s));
+    if set.cuda_decode {
+        a.extend(["-hwaccel", "cuda", "-hwaccel_output_format", "cuda"].map(s));
+    }
     a.extend(input_args(set));
     if set.reproducible {
         a.extend([s("-filter_complex_threads"), s("1")]);
     }
-    a.extend([s("-filter_complex"), filter_graph(rungs)]);
+    a.extend([s("-filter_complex"), filter_graph(set, rungs)]);
     for (i, r) in rungs.iter().enumerate() {
         a.extend(output_args(set, r, i, &rendition_path(dir, &r.name)));
     }
     a
 }
 
-/// `[0:v:0]split=3[s0][s1][s2];[s0]scale=854:480:…[v0];…`
-pub fn filter_graph(rungs: &[Planned]) -> String {
-    let scale = |r: &Planned| {
-        format!(
+/// `[0:v:0]split=3[s0][s1][s2];[s0]scale=854:480:…[v0];…`. Decoded on the GPU, the
+/// frames are scaled there (`scale_cuda`) and downloaded only for a CPU encoder.
+pub fn filter_graph(set: &Settings, rungs: &[Planned]) -> String {
+    let scale = |r: &Planned| match (set.cuda_decode, set.accel) {
+        (false, _) => format!(
             "scale={}:{}:flags=bicubic,setsar=1,format=yuv420p",
             r.width, r.height
-        )
+        ),
+        (true, Accel::Nvenc) => format!(
+            "scale_cuda={}:{}:interp_algo=bicubic:format=nv12,setsar=1",
+            r.width, r.height
+        ),
+        (true, _) => format!(
+            "scale_cuda={}:{}:interp_algo=bicubic:format=nv12,hwdownload,format=nv12,format=yuv420p,setsar=1",
+            r.width, r.height
+        ),
     };
     if let [only] = rungs {
         return format!("[0:v:0]{}[v0]", scale(only));
@@ -136,8 +162,37 @@ fn output_args(set: &Settings, r: &Planned, i: usize, path: &Path) -> Vec<String
     let forced = set.fail_rung.as_deref() == Some(r.name.as_str());
     let b = r.bitrate_kbps;
     let mut vflags = vec![];
-    match set.codec {
-        Codec::H265 => {
+    match (set.accel, set.codec) {
+        (Accel::Nvenc, codec) => {
+            let (enc, profile, tag) = match codec {
+                Codec::H265 => ("hevc_nvenc", "main", "hvc1"),
+                Codec::H264 => ("h264_nvenc", "high", "avc1"),
+            };
+            let profile = if forced {
+                FORCED_FAILURE_PROFILE
+            } else {
+                profile
+            };
+            a.extend(["-c:v", enc, "-preset", nvenc_preset(&set.preset)].map(s));
+            a.extend(
+                [
+                    "-tune",
+                    "hq",
+                    "-rc",
+                    "vbr",
+                    "-profile:v",
+                    profile,
+                    "-tag:v",
+                    tag,
+                ]
+                .map(s),
+            );
+            // Fixed GOPs of N frames, IDR at every forced keyframe, no scene cuts.
+            a.extend([s("-g"), n.to_string()]);
+            a.extend(["-forced-idr", "1", "-no-scenecut", "1", "-strict_gop", "1"].map(s));
+            vflags.push("+cgop");
+        }
+        (_, Codec::H265) => {
             let profile = if forced {
                 FORCED_FAILURE_PROFILE
             } else {
@@ -165,7 +220,7 @@ fn output_args(set: &Settings, r: &Planned, i: usize, path: &Path) -> Vec<String
                 "keyint={n}:min-keyint={n}:scenecut=0:open-gop=0:log-level=error:{threads}"
             ));
         }
-        Codec::H264 => {
+        (_, Codec::H264) => {
             let profile = if forced {
                 FORCED_FAILURE_PROFILE
             } else {
@@ -297,6 +352,10 @@ pub fn quality_args(
         "-nostats",
         "-v",
         "info",
+        "-progress",
+        "pipe:1",
+        "-stats_period",
+        "1",
     ]
     .map(s)
     .into();
@@ -400,13 +459,23 @@ pub fn parse_quality(stderr: &str) -> BTreeMap<String, Quality> {
     out
 }
 
-/// Follows ffmpeg's `-progress` key=value stream; yields (percent, fps) at the end of
-/// each block.
+/// One `-progress` block of ffmpeg: how far (0-100 of this run), frames per second
+/// and speed (`3.9x`, as ffmpeg prints it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tick {
+    pub percent: f64,
+    pub fps: f64,
+    pub speed: String,
+}
+
+/// Follows ffmpeg's `-progress` key=value stream; yields a [`Tick`] at the end of each
+/// block.
 #[derive(Debug)]
 pub struct Progress {
     duration_us: f64,
     out_time_us: Option<f64>,
     fps: Option<f64>,
+    speed: Option<String>,
 }
 
 impl Progress {
@@ -415,10 +484,11 @@ impl Progress {
             duration_us: duration_s * 1e6,
             out_time_us: None,
             fps: None,
+            speed: None,
         }
     }
 
-    pub fn line(&mut self, line: &str) -> Option<(f64, f64)> {
+    pub fn line(&mut self, line: &str) -> Option<Tick> {
         let (k, v) = line.trim().split_once('=')?;
         match k {
             "out_time_us" | "out_time_ms" => {
@@ -431,24 +501,50 @@ impl Progress {
                 self.fps = v.parse().ok();
                 None
             }
+            "speed" => {
+                let v = v.trim();
+                self.speed = (v != "N/A" && !v.is_empty()).then(|| v.to_string());
+                None
+            }
             "progress" => {
-                let pct = if v == "end" {
+                let percent = if v == "end" {
                     100.0
                 } else if self.duration_us > 0.0 {
                     (self.out_time_us.unwrap_or(0.0) / self.duration_us * 100.0).min(99.9)
                 } else {
                     0.0
                 };
-                Some((pct, self.fps.unwrap_or(0.0)))
+                Some(Tick {
+                    percent,
+                    fps: self.fps.unwrap_or(0.0),
+                    speed: self.speed.clone().unwrap_or_else(|| "N/A".into()),
+                })
             }
             _ => None,
         }
     }
 }
 
-/// The line printed to stderr for each progress block.
-pub fn progress_line(percent: f64, fps: f64) -> String {
-    format!("progress percent={percent:.1} fps={fps:.1}")
+/// Where a step's own 0-100 falls in the whole invocation's 0-100.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span {
+    pub from: f64,
+    pub to: f64,
+}
+
+impl Span {
+    pub fn at(self, step_percent: f64) -> f64 {
+        self.from + (self.to - self.from) * step_percent.clamp(0.0, 100.0) / 100.0
+    }
+}
+
+/// The progress line the platform reads from stderr (the runtime's contract:
+/// `ferry-progress: <percent> <free text>`).
+pub fn progress_line(percent: f64, step: &str, tick: &Tick) -> String {
+    format!(
+        "ferry-progress: {percent:.1} step={step} fps={:.1} speed={}",
+        tick.fps, tick.speed
+    )
 }
 
 /// A readable reason from ffmpeg's stderr: its last few lines on one line, without the
@@ -550,6 +646,7 @@ mod tests {
         let p = plan(&src, &j.ladder, true);
         let a = ladder_args(&set, &p.rungs, Path::new("/out"));
         assert_eq!(values(&a, "-i"), vec!["/in.mp4"], "one input, decoded once");
+        assert!(!a.contains(&"-hwaccel".to_string()), "the CPU plan");
         assert_eq!(
             values(&a, "-filter_complex"),
             vec![
@@ -614,6 +711,71 @@ mod tests {
         assert_eq!(values(&a, "-filter_complex_threads"), vec!["1"]);
         assert_eq!(values(&a, "-map"), vec!["[v0]", "[v1]"], "no audio to map");
         assert_eq!(a.iter().filter(|x| *x == "-an").count(), 2);
+    }
+
+    fn gpu_plan(path: Accel, decode: &'static str) -> Plan {
+        Plan {
+            path,
+            decode,
+            encoder: "x",
+            gpus: vec!["0".into()],
+            reason: String::new(),
+            found: None,
+            fallback_error: None,
+        }
+    }
+
+    #[test]
+    fn gpu_paths_decode_scale_and_encode_where_the_plan_says() {
+        let src = source(1920, 1080, true);
+        let j = job(r#","preset":"medium""#);
+        let p = plan(&src, &j.ladder, true);
+
+        // NVENC with GPU decode: frames stay on the GPU from decoder to encoder.
+        let set = Settings::new(&j, &src, 2).on(&gpu_plan(Accel::Nvenc, "cuda"));
+        let a = ladder_args(&set, &p.rungs, Path::new("/out"));
+        assert_eq!(values(&a, "-hwaccel"), vec!["cuda"]);
+        assert_eq!(values(&a, "-hwaccel_output_format"), vec!["cuda"]);
+        let g = values(&a, "-filter_complex")[0];
+        assert!(
+            g.contains("[s0]scale_cuda=854:480:interp_algo=bicubic:format=nv12,setsar=1[v0]"),
+            "{g}"
+        );
+        assert!(!g.contains("hwdownload"), "{g}");
+        assert_eq!(values(&a, "-c:v"), vec!["hevc_nvenc"; 3]);
+        assert_eq!(values(&a, "-preset"), vec!["p5"; 3]);
+        assert_eq!(values(&a, "-g"), vec!["50"; 3]);
+        assert_eq!(values(&a, "-forced-idr"), vec!["1"; 3]);
+        assert_eq!(values(&a, "-no-scenecut"), vec!["1"; 3]);
+        assert_eq!(values(&a, "-tag:v"), vec!["hvc1"; 3]);
+        assert_eq!(values(&a, "-b:v"), vec!["800k", "1500k", "3000k"]);
+        assert!(values(&a, "-x265-params").is_empty());
+        assert_eq!(
+            values(&a, "-force_key_frames"),
+            vec!["expr:gte(t,n_forced*2)"; 3]
+        );
+
+        // NVDEC only (H100/H200): GPU decode and scale, download, x265.
+        let set = Settings::new(&j, &src, 2).on(&gpu_plan(Accel::Nvdec, "cuda"));
+        let a = ladder_args(&set, &p.rungs, Path::new("/out"));
+        assert_eq!(values(&a, "-hwaccel"), vec!["cuda"]);
+        let g = values(&a, "-filter_complex")[0];
+        assert!(
+            g.contains("[s2]scale_cuda=1920:1080:interp_algo=bicubic:format=nv12,hwdownload,format=nv12,format=yuv420p,setsar=1[v2]"),
+            "{g}"
+        );
+        assert_eq!(values(&a, "-c:v"), vec!["libx265"; 3]);
+
+        // NVENC fed by the CPU decoder.
+        let set = Settings::new(&j, &src, 2).on(&gpu_plan(Accel::Nvenc, "cpu"));
+        let a = ladder_args(&set, &p.rungs, Path::new("/out"));
+        assert!(values(&a, "-hwaccel").is_empty());
+        assert!(values(&a, "-filter_complex")[0].contains("[s0]scale=854:480:flags=bicubic"));
+        assert_eq!(values(&a, "-c:v"), vec!["hevc_nvenc"; 3]);
+
+        // The cover and quality passes stay on the CPU whatever the plan.
+        let c = cover_args(&set, &src, Path::new("/o/cover.jpg"));
+        assert!(!c.contains(&"-hwaccel".to_string()));
     }
 
     #[test]
@@ -710,17 +872,21 @@ Stream mapping: ...
     fn progress_blocks_become_percentages() {
         let mut p = Progress::new(4.0);
         let mut seen = vec![];
-        for l in "frame=30\nfps=31.5\nout_time_us=N/A\nprogress=continue\nframe=60\nfps=31.5\nout_time_us=1680000\nout_time_ms=1680000\nprogress=continue\nfps=30.0\nprogress=end\n".lines() {
-            if let Some(x) = p.line(l) {
-                seen.push(progress_line(x.0, x.1));
+        let whole = Span {
+            from: 10.0,
+            to: 60.0,
+        };
+        for l in "frame=30\nfps=31.5\nout_time_us=N/A\nspeed=N/A\nprogress=continue\nframe=60\nfps=31.5\nout_time_us=1680000\nout_time_ms=1680000\nspeed=1.26x\nprogress=continue\nfps=30.0\nprogress=end\n".lines() {
+            if let Some(t) = p.line(l) {
+                seen.push(progress_line(whole.at(t.percent), "ladder", &t));
             }
         }
         assert_eq!(
             seen,
             vec![
-                "progress percent=0.0 fps=31.5",
-                "progress percent=42.0 fps=31.5",
-                "progress percent=100.0 fps=30.0"
+                "ferry-progress: 10.0 step=ladder fps=31.5 speed=N/A",
+                "ferry-progress: 31.0 step=ladder fps=31.5 speed=1.26x",
+                "ferry-progress: 60.0 step=ladder fps=30.0 speed=1.26x"
             ]
         );
     }

@@ -8,6 +8,8 @@
 //! the processes. See README.md for the input fields.
 
 pub mod ffmpeg;
+pub mod gpu;
+pub mod hls;
 pub mod ladder;
 pub mod manifest;
 pub mod probe;

@@ -20,12 +20,20 @@ pub struct Manifest {
     pub reproducible: bool,
     pub keyframe_interval_s: f64,
     pub keyint_frames: u32,
+    /// Where the ladder was decoded, scaled and encoded (CPU, NVDEC, NVENC) and why.
+    pub acceleration: crate::gpu::Plan,
     pub renditions: Vec<Rendition>,
     pub skipped: Vec<Skipped>,
     pub failed: Vec<Failed>,
     pub cover: Option<Cover>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cover_error: Option<String>,
+    /// The HLS packaging, when asked for (`hls: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hls: Option<crate::hls::Hls>,
+    /// Why HLS packaging failed as a whole, when it did (not fatal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hls_error: Option<String>,
     /// How PSNR/SSIM were measured; absent when `quality` is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality_method: Option<String>,
@@ -46,6 +54,7 @@ pub struct Timings {
     pub retries: u64,
     pub verify: u64,
     pub cover: u64,
+    pub hls: u64,
     pub quality: u64,
     pub total: u64,
 }
@@ -123,6 +132,7 @@ pub struct Parts<'a> {
     pub job: &'a Job,
     pub source: Source,
     pub keyint_frames: u32,
+    pub acceleration: crate::gpu::Plan,
     pub skipped: Vec<Skipped>,
     pub delivered: Vec<Delivered>,
     pub failed: Vec<Failed>,
@@ -130,6 +140,8 @@ pub struct Parts<'a> {
     pub quality_error: Option<String>,
     pub cover: Option<Cover>,
     pub cover_error: Option<String>,
+    pub hls: Option<crate::hls::Hls>,
+    pub hls_error: Option<String>,
     pub ffmpeg_command: String,
     pub ladder_error: Option<String>,
     pub timings: Timings,
@@ -172,11 +184,14 @@ pub fn assemble(p: Parts<'_>) -> Manifest {
         reproducible: p.job.reproducible,
         keyframe_interval_s: p.job.keyframe_interval_s,
         keyint_frames: p.keyint_frames,
+        acceleration: p.acceleration,
         renditions,
         skipped: p.skipped,
         failed: p.failed,
         cover: p.cover,
         cover_error: p.cover_error,
+        hls: p.hls,
+        hls_error: p.hls_error,
         quality_error: p.quality_error,
         ffmpeg_command: p.ffmpeg_command,
         ladder_error: p.ladder_error,
@@ -213,6 +228,7 @@ mod tests {
             codec: "hevc".into(),
             codec_tag: "hvc1".into(),
             profile: "Main".into(),
+            level: Some(90),
             pix_fmt: "yuv420p".into(),
             width: 854,
             height: 480,
@@ -241,6 +257,7 @@ mod tests {
             job: &job,
             source,
             keyint_frames: 50,
+            acceleration: crate::gpu::Plan::cpu(job.codec, vec![], "no GPU visible"),
             skipped: vec![Skipped {
                 name: "1080p".into(),
                 height: 1080,
@@ -267,6 +284,8 @@ mod tests {
             quality_error: None,
             cover: None,
             cover_error: Some("no frame".into()),
+            hls: None,
+            hls_error: None,
             ffmpeg_command: "ffmpeg -i /in.mp4 …".into(),
             ladder_error: Some("profile".into()),
             timings: Timings::default(),
@@ -304,5 +323,9 @@ mod tests {
         assert!(v["quality_method"].as_str().unwrap().contains("1280x720"));
         assert_eq!(v["ladder_error"], "profile");
         assert!(v.get("quality_error").is_none());
+        assert!(v.get("hls").is_none(), "no hls section unless asked");
+        assert_eq!(v["acceleration"]["path"], "cpu");
+        assert_eq!(v["acceleration"]["encoder"], "libx265");
+        assert_eq!(r["level"], 90);
     }
 }

@@ -37,6 +37,8 @@ pub struct Stream {
     pub codec_name: Option<String>,
     pub codec_tag_string: Option<String>,
     pub profile: Option<String>,
+    /// `level_idc` (H.264: 40 for 4.0; HEVC: 30 × the level); -99 when unknown.
+    pub level: Option<i64>,
     pub pix_fmt: Option<String>,
     pub width: Option<u32>,
     pub height: Option<u32>,
@@ -178,6 +180,9 @@ pub struct Facts {
     pub codec: String,
     pub codec_tag: String,
     pub profile: String,
+    /// The video's `level_idc` as ffprobe reports it (absent when unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<i64>,
     pub pix_fmt: String,
     pub width: u32,
     pub height: u32,
@@ -217,6 +222,7 @@ pub fn facts(json: &[u8]) -> Result<Facts, String> {
         codec: v.codec_name.clone().unwrap_or_default(),
         codec_tag: v.codec_tag_string.clone().unwrap_or_default(),
         profile: v.profile.clone().unwrap_or_default(),
+        level: v.level.filter(|l| *l > 0),
         pix_fmt: v.pix_fmt.clone().unwrap_or_default(),
         width: v.width.unwrap_or(0),
         height: v.height.unwrap_or(0),

@@ -90,6 +90,8 @@ pub struct Request {
     pub min_one_rendition: bool,
     #[serde(default)]
     pub fail_rung: Option<String>,
+    #[serde(default)]
+    pub hls: bool,
 }
 
 fn default_codec() -> Codec {
@@ -148,6 +150,8 @@ pub struct Job {
     pub cover: bool,
     pub min_one_rendition: bool,
     pub fail_rung: Option<String>,
+    /// Also package the renditions as HLS (fMP4 segments, media and master playlists).
+    pub hls: bool,
 }
 
 /// Decodes `%XX` escapes (file URLs may carry them for spaces and the like).
@@ -312,6 +316,7 @@ pub fn parse(body: &[u8]) -> Result<Job, String> {
         cover: req.cover,
         min_one_rendition: req.min_one_rendition,
         fail_rung: req.fail_rung,
+        hls: req.hls,
     })
 }
 
@@ -328,7 +333,7 @@ mod tests {
         assert_eq!(j.ladder, default_ladder());
         assert_eq!(j.preset, "medium");
         assert_eq!(j.keyframe_interval_s, 2.0);
-        assert!(j.quality && j.cover && j.min_one_rendition && !j.reproducible);
+        assert!(j.quality && j.cover && j.min_one_rendition && !j.reproducible && !j.hls);
     }
 
     #[test]
@@ -336,7 +341,7 @@ mod tests {
         let j = parse(
             br#"{"input":"https://example.com/v.mp4","output":"file://localhost/o","codec":"h264",
                  "ladder":[{"name":"hi","height":720,"bitrate_kbps":2000},{"name":"lo","height":360,"bitrate_kbps":500}],
-                 "preset":"veryfast","reproducible":true,"quality":false,"cover":false,"fail_rung":"hi"}"#,
+                 "preset":"veryfast","reproducible":true,"quality":false,"cover":false,"fail_rung":"hi","hls":true}"#,
         )
         .unwrap();
         assert_eq!(j.input, Input::Http("https://example.com/v.mp4".into()));
@@ -346,6 +351,7 @@ mod tests {
         assert_eq!(j.ladder[0].name, "lo");
         assert!(j.reproducible && !j.quality && !j.cover);
         assert_eq!(j.fail_rung.as_deref(), Some("hi"));
+        assert!(j.hls);
     }
 
     #[test]

@@ -11,11 +11,12 @@ use std::time::Instant;
 use anyhow::{Context, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use crate::ffmpeg::{self, Progress, Settings};
+use crate::ffmpeg::{self, Progress, Settings, Span, Tick};
 use crate::ladder::{self, Planned};
 use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
 use crate::probe::{self, Source};
 use crate::request::{Input, Job};
+use crate::{gpu, hls};
 
 /// What a child process left behind.
 struct Ran {
@@ -73,8 +74,9 @@ fn capture(args: &[String]) -> anyhow::Result<Ran> {
     })
 }
 
-/// Runs an encode with `-progress pipe:1`, printing progress lines to stderr.
-fn encode(args: &[String], duration_s: f64) -> anyhow::Result<Ran> {
+/// Runs an ffmpeg with `-progress pipe:1`, printing `ferry-progress:` lines to stderr
+/// (its own 0-100 placed within `span` of the whole invocation).
+fn encode(args: &[String], duration_s: f64, span: Span, step: &str) -> anyhow::Result<Ran> {
     let mut child = command(args)?
         .spawn()
         .map_err(|e| spawn_error(&args[0], e))?;
@@ -83,8 +85,8 @@ fn encode(args: &[String], duration_s: f64) -> anyhow::Result<Ran> {
         let mut p = Progress::new(duration_s);
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
-            if let Some((pct, fps)) = p.line(&line) {
-                eprintln!("{}", ffmpeg::progress_line(pct, fps));
+            if let Some(t) = p.line(&line) {
+                eprintln!("{}", ffmpeg::progress_line(span.at(t.percent), step, &t));
             }
         }
     }
@@ -96,6 +98,32 @@ fn encode(args: &[String], duration_s: f64) -> anyhow::Result<Ran> {
         stdout: vec![],
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
+}
+
+/// A progress line between steps (no ffmpeg running).
+fn mark(percent: f64, step: &str) {
+    let t = Tick {
+        percent,
+        fps: 0.0,
+        speed: "N/A".into(),
+    };
+    eprintln!("{}", ffmpeg::progress_line(percent, step, &t));
+}
+
+/// How the invocation's 0-100 is shared: the encode dominates; the quality pass
+/// decodes everything once more.
+fn spans(job: &Job) -> (Span, Span) {
+    let end_of_encode = if job.quality { 85.0 } else { 97.0 };
+    (
+        Span {
+            from: 0.0,
+            to: end_of_encode,
+        },
+        Span {
+            from: 88.0,
+            to: 99.0,
+        },
+    )
 }
 
 fn reason(r: &Ran) -> String {
@@ -224,7 +252,20 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow!("cannot create the output directory {}: {e}", dir.display()))?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let set = Settings::new(job, &source, cores);
+    // The platform runs us in a scratch directory: the GPU probe writes its sample there.
+    let scratch = std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir());
+    let mut accel = gpu::plan_for(job.codec, job.reproducible, &source, &scratch);
+    eprintln!(
+        "transcode: {} (decode {}, encoder {}): {}",
+        serde_json::to_value(accel.path)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        accel.decode,
+        accel.encoder,
+        accel.reason
+    );
+    let mut set = Settings::new(job, &source, cores).on(&accel);
 
     // One decode for every rung.
     let t = Instant::now();
@@ -242,7 +283,29 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let ran = encode(&args, source.duration_s)?;
+    let (encode_span, quality_span) = spans(job);
+    mark(0.0, "ladder");
+    let mut ran = encode(&args, source.duration_s, encode_span, "ladder")?;
+    let mut ffmpeg_command = ffmpeg_command;
+    if !ran.ok && accel.path != gpu::Accel::Cpu {
+        // The GPU path failed (driver, memory, an unusual source): make the ladder on
+        // the CPU instead, and say so.
+        let why = reason(&ran);
+        eprintln!("transcode: the GPU run failed ({why}); encoding on the CPU");
+        for r in &plan.rungs {
+            remove(&ffmpeg::rendition_path(dir, &r.name));
+        }
+        let cpu = gpu::Plan {
+            fallback_error: Some(why),
+            found: accel.found.clone(),
+            ..gpu::Plan::cpu(job.codec, accel.gpus.clone(), "the GPU run failed")
+        };
+        accel = cpu;
+        set = set.on(&accel);
+        let args = ffmpeg::ladder_args(&set, &plan.rungs, dir);
+        ffmpeg_command = ffmpeg::shell_line(&args);
+        ran = encode(&args, source.duration_s, encode_span, "ladder")?;
+    }
     timings.ladder = ms(t);
 
     let mut encoded: Vec<(Planned, &'static str, Option<String>)> = vec![];
@@ -259,11 +322,16 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
             remove(&ffmpeg::rendition_path(dir, &r.name));
         }
         let t = Instant::now();
-        for r in &plan.rungs {
+        let n = plan.rungs.len() as f64;
+        for (i, r) in plan.rungs.iter().enumerate() {
             let args = ffmpeg::ladder_args(&set, std::slice::from_ref(r), dir);
             let line = ffmpeg::shell_line(&args);
             eprintln!("transcode: {} alone", r.name);
-            let ran = encode(&args, source.duration_s)?;
+            let span = Span {
+                from: encode_span.at(i as f64 / n * 100.0),
+                to: encode_span.at((i + 1) as f64 / n * 100.0),
+            };
+            let ran = encode(&args, source.duration_s, span, &format!("alone:{}", r.name))?;
             if ran.ok {
                 encoded.push((r.clone(), "alone", Some(line)));
             } else {
@@ -298,7 +366,20 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     }
 
     let t = Instant::now();
+    let (hls, hls_error) = if job.hls {
+        mark(encode_span.to, "hls");
+        match package_hls(job, &source, dir, &delivered) {
+            Ok(h) => (Some(h), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        }
+    } else {
+        (None, None)
+    };
+    timings.hls = ms(t);
+
+    let t = Instant::now();
     let (cover, cover_error) = if job.cover {
+        mark(encode_span.to + 1.0, "cover");
         match make_cover(&set, &source, dir) {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(format!("{e:#}"))),
@@ -310,7 +391,8 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
 
     let t = Instant::now();
     let (quality, quality_error) = if job.quality {
-        match measure(&set, &source, &delivered) {
+        mark(quality_span.from, "quality");
+        match measure(&set, &source, &delivered, quality_span) {
             Ok(q) => (Some(q), None),
             Err(e) => (None, Some(format!("{e:#}"))),
         }
@@ -323,6 +405,7 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     let m = manifest::assemble(manifest::Parts {
         job,
         keyint_frames: set.keyint_frames,
+        acceleration: accel,
         source,
         skipped: plan.skipped,
         delivered,
@@ -331,6 +414,8 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
         quality_error,
         cover,
         cover_error,
+        hls,
+        hls_error,
         ffmpeg_command,
         ladder_error,
         timings,
@@ -338,7 +423,118 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     let json = serde_json::to_vec_pretty(&m)?;
     std::fs::write(dir.join("manifest.json"), json)
         .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("manifest.json").display()))?;
+    mark(100.0, "done");
     Ok(m)
+}
+
+/// Packages every delivered rendition as HLS and writes the master playlist listing
+/// those that were packaged. Fails only when none could be.
+fn package_hls(
+    job: &Job,
+    source: &Source,
+    dir: &Path,
+    delivered: &[Delivered],
+) -> anyhow::Result<hls::Hls> {
+    let root = dir.join(hls::DIR);
+    let master_path = root.join(hls::MASTER);
+    remove(&master_path);
+    // Folders of this job's rungs are replaced; a failed rung's old files go too.
+    for r in &job.ladder {
+        let _ = std::fs::remove_dir_all(hls::rung_dir(dir, &r.name));
+    }
+    let mut variants = vec![];
+    let mut failed = vec![];
+    for d in delivered {
+        match package_rung(job, source, dir, d) {
+            Ok(v) => variants.push(v),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                eprintln!(
+                    "transcode: HLS packaging of {} failed: {reason}",
+                    d.rung.name
+                );
+                let _ = std::fs::remove_dir_all(hls::rung_dir(dir, &d.rung.name));
+                failed.push(hls::Unpackaged {
+                    name: d.rung.name.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    if variants.is_empty() {
+        let why: Vec<String> = failed
+            .iter()
+            .map(|f| format!("{}: {}", f.name, f.reason))
+            .collect();
+        bail!("no rendition could be packaged as HLS: {}", why.join("; "));
+    }
+    std::fs::write(&master_path, hls::master(&variants))
+        .with_context(|| format!("write {}", master_path.display()))?;
+    Ok(hls::Hls {
+        master: format!("{}/{}", hls::DIR, hls::MASTER),
+        url: manifest::file_url(&master_path),
+        path: master_path.display().to_string(),
+        variants,
+        failed,
+    })
+}
+
+fn package_rung(
+    job: &Job,
+    source: &Source,
+    dir: &Path,
+    d: &Delivered,
+) -> anyhow::Result<hls::Variant> {
+    let name = &d.rung.name;
+    let codecs = hls::codecs(&d.facts).ok_or_else(|| {
+        anyhow!(
+            "no codec string for {} {} level {:?}",
+            d.facts.codec,
+            d.facts.profile,
+            d.facts.level
+        )
+    })?;
+    let rung_dir = hls::rung_dir(dir, name);
+    std::fs::create_dir_all(&rung_dir).with_context(|| format!("create {}", rung_dir.display()))?;
+    let ran = capture(&hls::package_args(
+        &d.path,
+        &rung_dir,
+        job.keyframe_interval_s,
+    ))?;
+    if !ran.ok {
+        bail!("{}", reason(&ran));
+    }
+    let playlist_path = rung_dir.join(hls::MEDIA);
+    let text = std::fs::read_to_string(&playlist_path)
+        .with_context(|| format!("read {}", playlist_path.display()))?;
+    let (segments, init) = hls::media_segments(&text).map_err(|e| anyhow!("{e}"))?;
+    let size = |uri: &str| -> anyhow::Result<u64> {
+        let p = rung_dir.join(uri);
+        Ok(std::fs::metadata(&p)
+            .with_context(|| format!("segment {}", p.display()))?
+            .len())
+    };
+    let mut sized = Vec::with_capacity(segments.len());
+    for s in &segments {
+        sized.push((s.duration_s, size(&s.uri)?));
+    }
+    if let Some(init) = init {
+        size(&init)?;
+    }
+    let (bandwidth, average_bandwidth) = hls::bandwidths(&sized, job.keyframe_interval_s);
+    Ok(hls::Variant {
+        name: name.clone(),
+        playlist: format!("{name}/{}", hls::MEDIA),
+        path: playlist_path.display().to_string(),
+        segments: segments.len(),
+        duration_s: (segments.iter().map(|s| s.duration_s).sum::<f64>() * 1e6).round() / 1e6,
+        bandwidth,
+        average_bandwidth,
+        width: d.facts.width,
+        height: d.facts.height,
+        frame_rate: source.fps,
+        codecs,
+    })
 }
 
 fn make_cover(set: &Settings, source: &Source, dir: &Path) -> anyhow::Result<Cover> {
@@ -369,12 +565,18 @@ fn measure(
     set: &Settings,
     source: &Source,
     delivered: &[Delivered],
+    span: Span,
 ) -> anyhow::Result<BTreeMap<String, ffmpeg::Quality>> {
     let list: Vec<(String, PathBuf)> = delivered
         .iter()
         .map(|d| (d.rung.name.clone(), d.path.clone()))
         .collect();
-    let ran = capture(&ffmpeg::quality_args(set, source, &list))?;
+    let ran = encode(
+        &ffmpeg::quality_args(set, source, &list),
+        source.duration_s,
+        span,
+        "quality",
+    )?;
     if !ran.ok {
         bail!("quality check failed: {}", reason(&ran));
     }

@@ -39,6 +39,8 @@ pub fn runtime(cache: &Path) -> Runtime {
         max_wasm_memory_mb: 128,
         log_tail_bytes: 1024,
         max_output_bytes: 1 << 20,
+        // Deterministic on every host: the rlimit path (cgroups have their own test).
+        cgroup: ferry_runtime::cgroup::CgroupSetting::Off,
         ..Config::default()
     })
     .unwrap()
@@ -82,6 +84,7 @@ pub fn request(input: &[u8], limits: Limits) -> Request {
         function: "test-fn".into(),
         version: 7,
         request_id: format!("req-{}", ferry_core::id::new_id()),
+        progress: None,
     }
 }
 

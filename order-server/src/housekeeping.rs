@@ -1,0 +1,353 @@
+//! Duties one instance per cluster does for everyone: deleting finished tasks past their
+//! retention, and delivering task callbacks (signed, retried with backoff).
+//!
+//! The duty holder is the live instance with the smallest id; everything it works from
+//! is in the store, so when it dies the next one carries on (a callback may then be
+//! delivered twice: callbacks are at-least-once, and carry the task id to de-duplicate).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_core::keys;
+use ferry_core::task::{CallbackRecord, CallbackStatus, CallbackStyle, TaskRecord};
+use ferry_store::{Compare, Op, Txn};
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use crate::service::OrderService;
+
+/// Deliveries tried per callback before giving up (~1 h of backoff in all).
+const MAX_CALLBACK_ATTEMPTS: u32 = 12;
+/// Callbacks in flight at once.
+const MAX_IN_FLIGHT: usize = 32;
+const CALLBACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the retention sweep runs.
+const RETENTION_SWEEP: Duration = Duration::from_secs(10);
+
+/// `t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`: the receiver recomputes
+/// it with the shared secret and may refuse old timestamps (replays).
+pub fn signature(secret: &[u8], t_ms: u64, body: &[u8]) -> String {
+    // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = match Hmac::<sha2::Sha256>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(t_ms.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t_ms},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Backoff before delivery attempt `n + 1`: 1 s, 2 s, 4 s … capped at 10 min, ±20%.
+fn backoff_ms(attempts: u32, jitter: f64) -> u64 {
+    let base = 1000u64.saturating_mul(1 << attempts.min(20)).min(600_000);
+    (base as f64 * (0.8 + 0.4 * jitter.clamp(0.0, 1.0))) as u64
+}
+
+/// The callback request for a finished task: (body, extra headers).
+fn request(task: &TaskRecord) -> (Vec<u8>, Vec<(&'static str, String)>) {
+    let output = task.output.clone().unwrap_or_default();
+    match task.callback_style {
+        CallbackStyle::Openfaas => {
+            let status = if task.state == ferry_core::task::TaskState::Succeeded {
+                "200"
+            } else {
+                "500"
+            };
+            let body = if task.state == ferry_core::task::TaskState::Succeeded {
+                output
+            } else {
+                task.error.clone().unwrap_or_default().into_bytes()
+            };
+            (
+                body,
+                vec![
+                    ("x-function-status", status.to_string()),
+                    ("x-call-id", task.id.clone()),
+                ],
+            )
+        }
+        CallbackStyle::Ferry => {
+            let mut v = json!({
+                "task_id": task.id,
+                // A tenant's function is stored as `{tenant}.{name}` (names have no
+                // dots): the receiver gets the name it knows.
+                "function": task.version.name.rsplit('.').next().unwrap_or_default(),
+                "version": task.version.version,
+                "state": task.state.as_str(),
+                "attempts": task.attempt,
+                "finished_ms": task.updated_ms,
+            });
+            match serde_json::from_slice::<serde_json::Value>(&output) {
+                Ok(j) if task.output.is_some() => v["output"] = j,
+                _ if task.output.is_some() => {
+                    use base64::Engine;
+                    v["output_base64"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(&output));
+                }
+                _ => {}
+            }
+            if let Some(e) = &task.error {
+                v["error"] = json!(e);
+            }
+            if let Some(c) = &task.error_code {
+                v["error_code"] = json!(c);
+            }
+            (
+                serde_json::to_vec(&v).unwrap_or_default(),
+                vec![("content-type", "application/json".to_string())],
+            )
+        }
+    }
+}
+
+impl OrderService {
+    /// Whether this instance holds the cluster-wide duties now.
+    fn on_duty(&self) -> bool {
+        if self.incarnation() == 0 {
+            return false;
+        }
+        let me = &self.inner.cfg.id;
+        self.inner
+            .instances
+            .snapshot()
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next())
+            .min()
+            .is_some_and(|first| first == me)
+    }
+
+    /// Deletes finished tasks (and their index keys) past the retention, by the
+    /// finish-time index.
+    pub(crate) async fn retention_loop(self) {
+        let cluster = self.inner.cfg.cluster.clone();
+        loop {
+            tokio::time::sleep(RETENTION_SWEEP.min(self.inner.cfg.task_retention)).await;
+            if !self.on_duty() {
+                continue;
+            }
+            let cutoff = ferry_core::now_ms()
+                .saturating_sub(self.inner.cfg.task_retention.as_millis() as u64);
+            let Ok(index) = self.inner.store.range(&keys::done_of(&cluster)).await else {
+                continue;
+            };
+            let prefix = keys::done_of(&cluster);
+            let expired: Vec<(String, String)> = index
+                .kvs
+                .iter()
+                .filter_map(|kv| {
+                    let rest = kv.key.strip_prefix(&prefix)?;
+                    let (second, id) = rest.split_once('/')?;
+                    let second: u64 = second.parse().ok()?;
+                    // The whole second must be past the cutoff.
+                    ((second + 1) * 1000 <= cutoff).then(|| (kv.key.clone(), id.to_string()))
+                })
+                .collect();
+            if expired.is_empty() {
+                continue;
+            }
+            for chunk in expired.chunks(40) {
+                let mut txn = Txn::new();
+                for (index_key, id) in chunk {
+                    txn = txn
+                        .then(Op::delete(keys::task(id)))
+                        .then(Op::delete(index_key.clone()))
+                        .then(Op::delete(keys::callback(&cluster, id)));
+                }
+                if let Err(e) = self.inner.store.txn(txn).await {
+                    warn!(error = %e, "retention sweep failed; retrying later");
+                    break;
+                }
+            }
+            info!(
+                removed = expired.len(),
+                "finished tasks past their retention removed"
+            );
+        }
+    }
+
+    /// Delivers pending callbacks when they are due.
+    pub(crate) async fn callback_loop(self) {
+        let http = reqwest::Client::builder()
+            .timeout(CALLBACK_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default();
+        if self.inner.cfg.callback_secret.is_none() {
+            warn!("no callback secret configured: task callbacks are sent unsigned");
+        }
+        let in_flight: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let mut changes = self.inner.callbacks.changes();
+        loop {
+            let now = ferry_core::now_ms();
+            let mut next_due = now + 1000;
+            if self.on_duty() {
+                for kv in self.inner.callbacks.snapshot() {
+                    let Ok(cb) = serde_json::from_slice::<CallbackRecord>(&kv.value) else {
+                        continue;
+                    };
+                    if cb.next_ms > now {
+                        next_due = next_due.min(cb.next_ms);
+                        continue;
+                    }
+                    {
+                        let mut f = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                        if f.len() >= MAX_IN_FLIGHT || !f.insert(cb.task_id.clone()) {
+                            continue;
+                        }
+                    }
+                    let svc = self.clone();
+                    let http = http.clone();
+                    let in_flight = in_flight.clone();
+                    tokio::spawn(async move {
+                        let id = cb.task_id.clone();
+                        let rev = svc.deliver(&http, cb, kv.key, kv.mod_revision).await;
+                        // Until our own write shows in the cache, the old record would
+                        // look due again: wait for it before letting the key go.
+                        if let Some(rev) = rev {
+                            svc.inner
+                                .callbacks
+                                .wait_for(rev, Duration::from_secs(5))
+                                .await;
+                        }
+                        in_flight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id);
+                        svc.inner.callback_done.notify_one();
+                    });
+                }
+            }
+            let wait = Duration::from_millis(next_due.saturating_sub(now).max(20));
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = self.inner.callback_done.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One delivery attempt; the outcome is written back with a compare on the
+    /// callback key's revision (a concurrent holder's write wins, ours is dropped).
+    /// Returns the store revision of that write.
+    async fn deliver(
+        &self,
+        http: &reqwest::Client,
+        cb: CallbackRecord,
+        key: String,
+        rev: i64,
+    ) -> Option<i64> {
+        let Ok(Some(tkv)) = self.inner.store.get(&keys::task(&cb.task_id)).await else {
+            let _ = self
+                .inner
+                .store
+                .txn(
+                    Txn::new()
+                        .when(Compare::mod_revision(&key, rev))
+                        .then(Op::delete(&key)),
+                )
+                .await;
+            return None;
+        };
+        let Ok(mut task) = serde_json::from_slice::<TaskRecord>(&tkv.value) else {
+            return None;
+        };
+        let url = task.callback_url.clone()?;
+        let (body, headers) = request(&task);
+        let mut req = http
+            .post(&url)
+            .header("x-ferry-task-id", &task.id)
+            .header("x-ferry-event", "task.finished");
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        if let Some(secret) = &self.inner.cfg.callback_secret {
+            let t = ferry_core::now_ms();
+            req = req.header("x-ferry-signature", signature(secret.as_bytes(), t, &body));
+        }
+        let result = match req.body(body).send().await {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("the receiver answered {}", r.status())),
+            Err(e) => Err(format!("could not reach the receiver: {}", root_cause(&e))),
+        };
+        let attempts = cb.attempts + 1;
+        let now = ferry_core::now_ms();
+        let give_up = result.is_err() && attempts >= MAX_CALLBACK_ATTEMPTS;
+        let mut txn = Txn::new().when(Compare::mod_revision(&key, rev));
+        if result.is_ok() || give_up {
+            task.callback = Some(CallbackStatus {
+                delivered: result.is_ok(),
+                attempts,
+                at_ms: now,
+                last_error: result.as_ref().err().cloned(),
+            });
+            txn = txn
+                .when(Compare::mod_revision(
+                    keys::task(&task.id),
+                    tkv.mod_revision,
+                ))
+                .then(Op::delete(&key))
+                .then(Op::put(
+                    keys::task(&task.id),
+                    serde_json::to_vec(&task).unwrap_or_default(),
+                ));
+            match &result {
+                Ok(()) => debug!(task_id = %task.id, attempts, "callback delivered"),
+                Err(e) => warn!(task_id = %task.id, attempts, error = %e, "callback given up"),
+            }
+        } else {
+            let next = CallbackRecord {
+                attempts,
+                next_ms: now + backoff_ms(cb.attempts, rand::rng().random()),
+                last_error: result.as_ref().err().cloned(),
+                ..cb
+            };
+            debug!(task_id = %task.id, attempts, error = ?next.last_error, "callback failed; will retry");
+            txn = txn.then(Op::put(&key, serde_json::to_vec(&next).unwrap_or_default()));
+        }
+        match self.inner.store.txn(txn).await {
+            Ok(r) if r.succeeded => Some(r.revision),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(task_id = %task.id, error = %e, "could not record callback delivery");
+                None
+            }
+        }
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_an_hmac_of_time_and_body() {
+        // What a receiver computes: HMAC-SHA256 of "<t>.<body>" with the shared secret.
+        let sig = signature(b"secret", 1_700_000_000_000, b"{\"a\":1}");
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"secret").unwrap();
+        mac.update(b"1700000000000.{\"a\":1}");
+        let want = hex::encode(mac.finalize().into_bytes());
+        assert_eq!(sig, format!("t=1700000000000,v1={want}"));
+        assert_ne!(sig, signature(b"other", 1_700_000_000_000, b"{\"a\":1}"));
+        assert_ne!(sig, signature(b"secret", 1_700_000_000_001, b"{\"a\":1}"));
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff_ms(0, 0.5), 1000);
+        assert_eq!(backoff_ms(3, 0.5), 8000);
+        assert_eq!(backoff_ms(30, 0.5), 600_000);
+        assert!(backoff_ms(2, 0.0) >= 3200 && backoff_ms(2, 1.0) <= 4800);
+    }
+}
