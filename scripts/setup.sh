@@ -20,3 +20,9 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
   echo "setup: adding the wasm32-wasip2 target"
   rustup target add wasm32-wasip2
 fi
+
+# boto3: the Lambda-compatibility test drives the gateway with the real AWS SDK.
+if ! python3 -c 'import boto3' >/dev/null 2>&1; then
+  echo "setup: installing boto3"
+  python3 -m pip install -q boto3 2>/dev/null || python3 -m pip install -q --break-system-packages boto3
+fi

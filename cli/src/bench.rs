@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// The order-server with simulated nodes: tasks placed and committed per second,
     /// failure detection and re-placement.
     Schedule(crate::bench_schedule::ScheduleBench),
+    /// The gateway's own cost per request (auth, limits, routing, idempotency lookup)
+    /// apart from the function, and how fast it refuses with 429.
+    Gateway(crate::bench_gateway::GatewayBench),
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +54,7 @@ pub async fn run(cmd: BenchCommand, env: &Env) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Invoke(b) => invoke(b, env).await,
         BenchCommand::Schedule(b) => crate::bench_schedule::run(b).await,
+        BenchCommand::Gateway(b) => crate::bench_gateway::run(b).await,
     }
 }
 
@@ -265,13 +269,13 @@ async fn timed_load(
 }
 
 /// The smallest useful HTTP server: hyper, HTTP/1.1 keep-alive, a fixed JSON answer.
-struct BareHttp {
-    addr: std::net::SocketAddr,
+pub(crate) struct BareHttp {
+    pub(crate) addr: std::net::SocketAddr,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl BareHttp {
-    async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("bind the bare server")?;
@@ -297,7 +301,7 @@ impl BareHttp {
         Ok(Self { addr, task })
     }
 
-    fn stop(self) {
+    pub(crate) fn stop(self) {
         self.task.abort();
     }
 }

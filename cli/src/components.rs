@@ -39,6 +39,18 @@ pub async fn gateway(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if let Some(id) = s.id {
         cfg.id = id;
     }
+    if let Some(secs) = env
+        .parse::<u64>("FERRY_IDEMPOTENCY_WINDOW_S")
+        .context("read FERRY_IDEMPOTENCY_WINDOW_S")?
+    {
+        cfg.idempotency_window = Duration::from_secs(secs);
+    }
+    if let Some(allow) = env
+        .parse::<bool>("FERRY_ALLOW_UNSIGNED_COMPAT")
+        .context("read FERRY_ALLOW_UNSIGNED_COMPAT")?
+    {
+        cfg.allow_unsigned_compat = allow;
+    }
     let running = ferry_gateway::start(cfg, store)
         .await
         .context("start the gateway")?;

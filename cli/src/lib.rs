@@ -12,10 +12,12 @@ use ferry_core::config::Env;
 pub mod admin;
 pub mod alias;
 pub mod bench;
+pub mod bench_gateway;
 pub mod bench_schedule;
 pub mod client;
 pub mod components;
 pub mod nodes;
+pub mod rerun;
 pub mod settings;
 pub mod up;
 
@@ -71,6 +73,9 @@ pub enum Command {
     /// Aliases: `ferry alias set transcode prod 3=90 4=10`.
     #[command(subcommand)]
     Alias(alias::AliasCommand),
+    /// Batch re-runs: `ferry rerun start transcode --state failed`, `ferry rerun status ID`.
+    #[command(subcommand)]
+    Rerun(rerun::RerunCommand),
     /// Tenants and their limits (admin token).
     #[command(subcommand)]
     Tenants(admin::TenantsCommand),
@@ -320,6 +325,7 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Run(a) => client::run_local(a).await,
         Command::Bench(b) => bench::run(b, &env).await,
         Command::Alias(c) => alias::run(c, &env).await,
+        Command::Rerun(c) => rerun::run(c, &env).await,
         Command::Tenants(c) => admin::tenants(c, &env).await,
         Command::Keys(c) => admin::keys(c, &env).await,
     }

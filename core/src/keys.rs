@@ -163,6 +163,12 @@ pub fn alias(function: &str, alias: &str) -> String {
     format!("{ALIASES}{function}/{alias}")
 }
 
+/// `RerunRecord` per batch re-run (`POST /v1/reruns`).
+pub const RERUNS: &str = "/ferry/reruns/";
+pub fn rerun(id: &str) -> String {
+    format!("{RERUNS}{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

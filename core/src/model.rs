@@ -288,3 +288,18 @@ pub struct AliasRecord {
     pub routes: Vec<AliasRoute>,
     pub updated_ms: u64,
 }
+
+/// A batch re-run (`/ferry/reruns/{id}`): which tasks a selection matched and the new
+/// tasks submitted for them (on the batch priority class).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RerunRecord {
+    pub id: String,
+    /// The function's internal name.
+    pub function: String,
+    /// The selection, as given.
+    pub filter: serde_json::Value,
+    pub selected: u32,
+    /// (original task, new task) pairs.
+    pub tasks: Vec<(String, String)>,
+    pub created_ms: u64,
+}

@@ -8,7 +8,7 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{MethodRouter, any, delete, get, post, put};
 use axum::{Json, Router};
 use ferry_core::model::{FunctionRecord, PackageRecord, VersionRecord};
 use ferry_core::proto::Outcome;
@@ -20,6 +20,7 @@ use serde_json::json;
 use crate::AppState;
 use crate::catalog::Qualifier;
 use crate::error::{ApiError, ApiResult};
+use crate::idempotency::Begin;
 use crate::tenancy::{self, Principal};
 
 type St = State<Arc<AppState>>;
@@ -29,51 +30,108 @@ type Who = axum::Extension<Principal>;
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
-pub(crate) fn router(state: Arc<AppState>) -> Router {
-    let v1 = Router::new()
-        .route("/v1/functions", get(list_functions).post(create_function))
-        .route("/v1/functions/{name}", get(get_function))
-        .route(
+type Routes = Vec<(&'static str, MethodRouter<Arc<AppState>>)>;
+
+/// The native API: every route behind the token. `/openapi.json` documents each of them
+/// (a test checks both ways).
+fn native_routes() -> Routes {
+    vec![
+        ("/v1/functions", get(list_functions).post(create_function)),
+        ("/v1/functions/{name}", get(get_function)),
+        (
             "/v1/functions/{name}/versions",
             get(list_versions).post(upload_version),
-        )
-        .route("/v1/functions/{name}/versions/{version}", get(get_version))
-        .route("/v1/functions/{name}/invoke", post(invoke))
-        .route("/v1/functions/{name}/aliases", get(crate::aliases::list))
-        .route(
+        ),
+        ("/v1/functions/{name}/versions/{version}", get(get_version)),
+        ("/v1/functions/{name}/invoke", post(invoke)),
+        ("/v1/functions/{name}/aliases", get(crate::aliases::list)),
+        (
             "/v1/functions/{name}/aliases/{alias}",
             get(crate::aliases::get)
                 .put(crate::aliases::set)
                 .delete(crate::aliases::delete),
-        )
-        .route("/v1/functions/{name}/tasks", post(crate::tasks::submit))
-        .route("/v1/tasks", get(crate::tasks::list))
-        .route("/v1/tasks/{id}", get(crate::tasks::get))
-        .route("/v1/tasks/{id}/cancel", post(crate::tasks::cancel))
-        .route("/v1/packages/{sha256}", get(get_package))
-        .route("/v1/nodes", get(crate::nodes::list))
-        .route("/v1/nodes/{id}/{action}", post(crate::nodes::admin))
-        .route("/v1/clusters", get(list_clusters))
-        .route("/v1/tenants", get(tenancy::list).post(tenancy::create))
-        .route(
+        ),
+        ("/v1/functions/{name}/tasks", post(crate::tasks::submit)),
+        ("/v1/tasks", get(crate::tasks::list)),
+        ("/v1/tasks/{id}", get(crate::tasks::get)),
+        ("/v1/tasks/{id}/cancel", post(crate::tasks::cancel)),
+        ("/v1/reruns", post(crate::reruns::create)),
+        ("/v1/reruns/{id}", get(crate::reruns::get)),
+        ("/v1/packages/{sha256}", get(get_package)),
+        (
+            "/v1/nodes",
+            get(crate::nodes::list).route_layer(middleware::from_fn(admin_only)),
+        ),
+        (
+            "/v1/nodes/{id}/{action}",
+            post(crate::nodes::admin).route_layer(middleware::from_fn(admin_only)),
+        ),
+        ("/v1/clusters", get(list_clusters)),
+        ("/v1/tenants", get(tenancy::list).post(tenancy::create)),
+        (
             "/v1/tenants/{id}",
             get(tenancy::get).delete(tenancy::delete),
-        )
-        .route("/v1/tenants/{id}/limits", put(tenancy::set_limits))
-        .route(
+        ),
+        ("/v1/tenants/{id}/limits", put(tenancy::set_limits)),
+        (
             "/v1/tenants/{id}/keys",
             get(tenancy::list_keys).post(tenancy::create_key),
-        )
-        .route(
+        ),
+        (
             "/v1/tenants/{id}/keys/{key_id}",
             delete(tenancy::revoke_key),
-        )
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        ),
+    ]
+}
+
+/// Routes without a token: health, metrics and the API's description.
+fn open_routes() -> Routes {
+    vec![
+        ("/healthz", get(|| async { "ok" })),
+        ("/readyz", get(readyz)),
+        ("/metrics", get(metrics)),
+        (
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        ),
+    ]
+}
+
+/// The compatibility APIs (AWS Lambda, OpenFaaS): they authenticate in their own way.
+fn compat_routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route(
+            "/2015-03-31/functions/{name}/invocations",
+            post(crate::lambda::invoke),
+        )
+        .route("/function/{name}", any(crate::openfaas::sync))
+        .route("/function/{name}/{*path}", any(crate::openfaas::sync))
+        .route("/async-function/{name}", post(crate::openfaas::submit))
+        .route(
+            "/async-function/{name}/{*path}",
+            post(crate::openfaas::submit),
+        )
+}
+
+/// Every path the gateway's router serves (native and open), as registered.
+pub fn served_paths() -> Vec<&'static str> {
+    native_routes()
+        .into_iter()
+        .chain(open_routes())
+        .map(|(p, _)| p)
+        .collect()
+}
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let v1 = native_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, m)| r.route(path, m))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    open_routes()
+        .into_iter()
+        .fold(Router::new(), |r, (path, m)| r.route(path, m))
         .merge(v1)
+        .merge(compat_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -139,25 +197,38 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
 /// Every `/v1` route needs `Authorization: Bearer <token>`: the admin token, or a
 /// tenant's API key. Which one it was travels on as the request's [`Principal`].
 async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+    let Some(principal) = bearer(&st, req.headers()) else {
+        return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
+            .into_response();
+    };
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// Who `Authorization: Bearer …` names: the admin token or a live tenant key.
+pub(crate) fn bearer(st: &AppState, headers: &HeaderMap) -> Option<Principal> {
+    let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .unwrap_or("");
-    let principal =
-        if ferry_core::id::constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
-            Principal::Admin
-        } else if let Some(t) = st.directory.by_key(presented) {
-            Principal::Tenant(t)
-        } else {
-            return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
-                .into_response();
-        };
-    req.extensions_mut().insert(principal);
-    next.run(req).await
+    if ferry_core::id::constant_time_eq(presented.as_bytes(), st.cfg.token.as_bytes()) {
+        Some(Principal::Admin)
+    } else {
+        st.directory.by_key(presented).map(Principal::Tenant)
+    }
+}
+
+/// For handlers that do not take the [`Principal`]: refuses tenant keys.
+async fn admin_only(req: Request, next: Next) -> Response {
+    match req.extensions().get::<Principal>() {
+        Some(Principal::Admin) => next.run(req).await,
+        _ => {
+            ApiError::new(ErrorCode::Forbidden, "this route needs the admin token").into_response()
+        }
+    }
 }
 
 async fn readyz(State(st): St) -> Response {
@@ -539,103 +610,180 @@ async fn invoke(
     let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
     let (shown_name, qualified) = split_qualifier(&name);
     let qualified = q.version.map_or(qualified, Qualifier::Version);
+    let log_tail = headers.get("x-ferry-log").is_some_and(|v| v == "tail");
+    invoke_sync(
+        &st, &who, &rid.0, shown_name, &qualified, &headers, body, log_tail,
+    )
+    .await
+}
+
+/// A synchronous invocation of `shown_name` (as `who` names it) with `qualified`, from
+/// resolution through limits, the body, and idempotency (`Idempotency-Key`) to the
+/// answer. Shared by the native route and the compatibility routes, which translate
+/// the answer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn invoke_sync(
+    st: &AppState,
+    who: &Principal,
+    request_id: &str,
+    shown_name: &str,
+    qualified: &Qualifier,
+    headers: &HeaderMap,
+    body: Body,
+    log_tail: bool,
+) -> ApiResult<Response> {
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
-    let (version, alias) = st.catalog.resolve(fname, &qualified).await?;
-    if let Err(t) = st.limiter.admit(&who, fname) {
-        return Ok(throttled(&st, t));
+    let (version, alias) = st.catalog.resolve(fname, qualified).await?;
+    if let Err(t) = st.limiter.admit(who, fname) {
+        return Ok(throttled(st, t));
     }
-    let _in_flight = match st.limiter.enter(&who, fname) {
+    let _in_flight = match st.limiter.enter(who, fname) {
         Ok(guard) => guard,
-        Err(t) => return Ok(throttled(&st, t)),
+        Err(t) => return Ok(throttled(st, t)),
     };
-    let input = read_body(&headers, body, who.max_body(st.cfg.max_body)).await?;
-    if is_json(&headers) {
+    let input = read_body(headers, body, who.max_body(st.cfg.max_body)).await?;
+    if is_json(headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
-    let reply = st
-        .router
-        .invoke(version.spec(), input, &rid.0, st.cfg.invoke_grace)
-        .await;
-    let ver = version.version.to_string();
-    let reply = match reply {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics
-                .invocations
-                .with_label_values(&[fname, &ver, e.code.as_str()])
-                .inc();
-            return Err(e.into());
-        }
+    let call = Call {
+        st,
+        fname,
+        shown_name,
+        version: &version,
+        alias: alias.as_deref(),
+        request_id,
+        log_tail,
     };
-    let outcome = reply.outcome();
-    st.metrics
-        .invocations
-        .with_label_values(&[fname, &ver, outcome.as_str_name()])
-        .inc();
-    if reply.cold {
-        st.metrics.cold_starts.with_label_values(&[fname]).inc();
-    }
-    let mut resp = match outcome {
-        Outcome::Succeeded => {
-            let ct = if looks_like_json(&reply.output) {
-                "application/json"
-            } else {
-                "application/octet-stream"
-            };
-            let mut r = Response::new(Body::from(reply.output));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-            r
-        }
-        Outcome::FunctionError => {
-            let mut r = ApiError::new(ErrorCode::FunctionError, reply.error).into_response();
-            r.headers_mut()
-                .insert("x-ferry-function-error", HeaderValue::from_static("true"));
-            r
-        }
-        Outcome::TimedOut => ApiError::new(ErrorCode::Timeout, reply.error).into_response(),
-        Outcome::Cancelled => {
-            ApiError::new(ErrorCode::Unavailable, "the invocation was cancelled").into_response()
-        }
-        Outcome::Failed | Outcome::Unspecified => {
-            let code = ErrorCode::parse(&reply.error_code).unwrap_or(ErrorCode::Internal);
-            let code = if code.http_status() < 500 {
-                ErrorCode::Internal
-            } else {
-                code
-            };
-            ApiError::new(
-                code,
-                format!("the platform could not run the function: {}", reply.error),
-            )
-            .into_response()
-        }
+    let Some(key) = crate::idempotency::key_from(headers)? else {
+        return Ok(call.run(input).await);
     };
-    let h = resp.headers_mut();
-    h.insert(
-        "x-ferry-function",
-        HeaderValue::from_str(shown_name).unwrap_or(HeaderValue::from_static("?")),
-    );
-    h.insert("x-ferry-version", HeaderValue::from(version.version));
-    if let Some(v) = alias.and_then(|a| HeaderValue::from_str(&a).ok()) {
-        h.insert("x-ferry-alias", v);
+    let ikey = keys::idempotency("invoke", &format!("{fname}/{key}"));
+    let sha = ferry_core::id::sha256_hex(&input);
+    let run_for = std::time::Duration::from_millis(version.limits.timeout_ms)
+        + st.cfg.invoke_grace
+        + std::time::Duration::from_secs(5);
+    let store = st.store.as_ref();
+    match crate::idempotency::begin(store, &ikey, &sha, run_for, st.cfg.idempotency_window).await? {
+        Begin::Replay(stored, how) => Ok(stored.into_response(how)),
+        Begin::Run {
+            revision,
+            created_ms,
+        } => {
+            let resp = call.run(input).await;
+            Ok(crate::idempotency::finish(store, &ikey, revision, &sha, created_ms, resp).await)
+        }
     }
-    h.insert("x-ferry-duration-us", HeaderValue::from(reply.duration_us));
-    h.insert(
-        "x-ferry-cold",
-        HeaderValue::from_static(if reply.cold { "true" } else { "false" }),
-    );
-    if let Ok(v) = HeaderValue::from_str(&reply.node_id) {
-        h.insert("x-ferry-node", v);
+}
+
+/// One synchronous invocation, resolved and admitted.
+struct Call<'a> {
+    st: &'a AppState,
+    fname: &'a str,
+    shown_name: &'a str,
+    version: &'a VersionRecord,
+    alias: Option<&'a str>,
+    request_id: &'a str,
+    log_tail: bool,
+}
+
+impl Call<'_> {
+    /// Runs it on some order-server; every outcome is an answer (errors included).
+    async fn run(&self, input: Bytes) -> Response {
+        let Call {
+            st,
+            fname,
+            shown_name,
+            version,
+            alias,
+            request_id,
+            log_tail,
+        } = *self;
+        let reply = st
+            .router
+            .invoke(version.spec(), input, request_id, st.cfg.invoke_grace)
+            .await;
+        let ver = version.version.to_string();
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                st.metrics
+                    .invocations
+                    .with_label_values(&[fname, &ver, e.code.as_str()])
+                    .inc();
+                return ApiError::from(e).into_response();
+            }
+        };
+        let outcome = reply.outcome();
+        st.metrics
+            .invocations
+            .with_label_values(&[fname, &ver, outcome.as_str_name()])
+            .inc();
+        if reply.cold {
+            st.metrics.cold_starts.with_label_values(&[fname]).inc();
+        }
+        let mut resp = match outcome {
+            Outcome::Succeeded => {
+                let ct = if looks_like_json(&reply.output) {
+                    "application/json"
+                } else {
+                    "application/octet-stream"
+                };
+                let mut r = Response::new(Body::from(reply.output));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                r
+            }
+            Outcome::FunctionError => {
+                let mut r = ApiError::new(ErrorCode::FunctionError, reply.error).into_response();
+                r.headers_mut()
+                    .insert("x-ferry-function-error", HeaderValue::from_static("true"));
+                r
+            }
+            Outcome::TimedOut => ApiError::new(ErrorCode::Timeout, reply.error).into_response(),
+            Outcome::Cancelled => {
+                ApiError::new(ErrorCode::Unavailable, "the invocation was cancelled")
+                    .into_response()
+            }
+            Outcome::Failed | Outcome::Unspecified => {
+                let code = ErrorCode::parse(&reply.error_code).unwrap_or(ErrorCode::Internal);
+                let code = if code.http_status() < 500 {
+                    ErrorCode::Internal
+                } else {
+                    code
+                };
+                ApiError::new(
+                    code,
+                    format!("the platform could not run the function: {}", reply.error),
+                )
+                .into_response()
+            }
+        };
+        let h = resp.headers_mut();
+        h.insert(
+            "x-ferry-function",
+            HeaderValue::from_str(shown_name).unwrap_or(HeaderValue::from_static("?")),
+        );
+        h.insert("x-ferry-version", HeaderValue::from(version.version));
+        if let Some(v) = alias.and_then(|a| HeaderValue::from_str(a).ok()) {
+            h.insert("x-ferry-alias", v);
+        }
+        h.insert("x-ferry-duration-us", HeaderValue::from(reply.duration_us));
+        h.insert(
+            "x-ferry-cold",
+            HeaderValue::from_static(if reply.cold { "true" } else { "false" }),
+        );
+        if let Ok(v) = HeaderValue::from_str(&reply.node_id) {
+            h.insert("x-ferry-node", v);
+        }
+        if !reply.log_tail.is_empty()
+            && log_tail
+            && let Ok(v) = HeaderValue::from_str(&base64(reply.log_tail.as_bytes()))
+        {
+            h.insert("x-ferry-log-tail", v);
+        }
+        resp
     }
-    if !reply.log_tail.is_empty()
-        && headers.get("x-ferry-log").is_some_and(|v| v == "tail")
-        && let Ok(v) = HeaderValue::from_str(&base64(reply.log_tail.as_bytes()))
-    {
-        h.insert("x-ferry-log-tail", v);
-    }
-    Ok(resp)
 }
 
 /// A 429 with `Retry-After` (seconds) and `X-Ferry-Limit` (which limit), counted.

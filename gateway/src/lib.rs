@@ -20,12 +20,20 @@ mod api;
 pub mod blobs;
 mod catalog;
 pub mod error;
+mod idempotency;
+mod lambda;
 mod limits;
 mod metrics;
 mod nodes;
+pub mod openapi;
+mod openfaas;
+mod reruns;
 mod routing;
+mod sigv4;
 mod tasks;
 mod tenancy;
+
+pub use api::served_paths;
 
 /// A gateway's settings. (No `Debug`: it holds the token.)
 #[derive(Clone)]
@@ -46,6 +54,11 @@ pub struct Config {
     pub max_unpacked: u64,
     /// Time allowed on top of a function's own timeout (queueing, fetch, compile).
     pub invoke_grace: Duration,
+    /// How long an `Idempotency-Key` answers with its first call's task or result.
+    pub idempotency_window: Duration,
+    /// Accept unsigned requests on the compatibility paths (Lambda, OpenFaaS), acting
+    /// with the admin scope. Only for a gateway no untrusted caller can reach.
+    pub allow_unsigned_compat: bool,
 }
 
 impl Default for Config {
@@ -60,6 +73,8 @@ impl Default for Config {
             max_package: 256 << 20,
             max_unpacked: 1 << 30,
             invoke_grace: Duration::from_secs(30),
+            idempotency_window: Duration::from_secs(24 * 3600),
+            allow_unsigned_compat: false,
         }
     }
 }

@@ -23,8 +23,6 @@ type Who = axum::Extension<Principal>;
 
 /// Largest async input kept with the task.
 pub const MAX_TASK_INPUT: usize = 1 << 20;
-/// How long an idempotency key keeps answering with its task.
-pub const IDEMPOTENCY_WINDOW_MS: u64 = 24 * 3_600_000;
 
 #[derive(Serialize, Deserialize)]
 struct IdempotencyEntry {
@@ -93,17 +91,44 @@ pub async fn submit(
     body: Body,
 ) -> ApiResult<Response> {
     let (shown_name, qualified) = split_qualifier(&name);
+    submit_task(
+        &st,
+        &who,
+        &rid.0,
+        shown_name,
+        &qualified,
+        &headers,
+        body,
+        ferry_core::task::CallbackStyle::Ferry,
+    )
+    .await
+}
+
+/// Submits an async task of `shown_name` (as `who` names it): resolution, limits, the
+/// body, priority, callback and idempotency, then the commit; answers the native 202.
+/// Shared by the native route and the compatibility routes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn submit_task(
+    st: &AppState,
+    who: &Principal,
+    request_id: &str,
+    shown_name: &str,
+    qualified: &crate::catalog::Qualifier,
+    headers: &HeaderMap,
+    body: Body,
+    callback_style: ferry_core::task::CallbackStyle,
+) -> ApiResult<Response> {
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
-    let (version, _alias) = st.catalog.resolve(fname, &qualified).await?;
-    if let Err(t) = st.limiter.admit(&who, fname) {
-        return Ok(crate::api::throttled(&st, t));
+    let (version, _alias) = st.catalog.resolve(fname, qualified).await?;
+    if let Err(t) = st.limiter.admit(who, fname) {
+        return Ok(crate::api::throttled(st, t));
     }
-    let input = read_body(&headers, body, who.max_body(MAX_TASK_INPUT)).await?;
-    if is_json(&headers) {
+    let input = read_body(headers, body, who.max_body(MAX_TASK_INPUT)).await?;
+    if is_json(headers) {
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
-    let priority = match header_str(&headers, "x-ferry-priority") {
+    let priority = match header_str(headers, "x-ferry-priority") {
         None => Priority::Normal,
         Some(p) => Priority::parse(p).ok_or_else(|| {
             ApiError::new(
@@ -112,7 +137,7 @@ pub async fn submit(
             )
         })?,
     };
-    let callback_url = match header_str(&headers, "x-ferry-callback-url") {
+    let callback_url = match header_str(headers, "x-ferry-callback-url") {
         None => None,
         Some(u) if (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 2048 => {
             Some(u.to_string())
@@ -124,16 +149,8 @@ pub async fn submit(
             ));
         }
     };
-    let idempotency_key = match header_str(&headers, "idempotency-key") {
-        None => None,
-        Some(k) if k.len() <= 256 && k.bytes().all(|b| b.is_ascii_graphic()) => Some(k.to_string()),
-        Some(_) => {
-            return Err(ApiError::new(
-                ErrorCode::BadRequest,
-                "Idempotency-Key must be 1-256 printable ASCII characters",
-            ));
-        }
-    };
+    let idempotency_key = crate::idempotency::key_from(headers)?;
+    let window_ms = st.cfg.idempotency_window.as_millis() as u64;
     let cluster = st.router.pick_cluster().ok_or_else(|| {
         ApiError::new(
             ErrorCode::NoCapacity,
@@ -150,7 +167,8 @@ pub async fn submit(
         now,
     );
     task.callback_url = callback_url;
-    task.request_id = rid.0.clone();
+    task.callback_style = callback_style;
+    task.request_id = request_id.to_string();
     let body_sha256 = ferry_core::id::sha256_hex(&input);
     let tkey = keys::task(&task.id);
     let base = Txn::new()
@@ -165,7 +183,7 @@ pub async fn submit(
         ));
     let Some(key) = idempotency_key else {
         st.store.txn(base).await?;
-        return Ok(accepted(&task.id, Some(task.version.version), false));
+        return Ok(accepted(&task.id, Some(&task), false));
     };
     // The key, the task and its queue entry commit together, or not at all.
     let ikey = keys::idempotency("tasks", &format!("{fname}/{key}"));
@@ -181,14 +199,16 @@ pub async fn submit(
             Some(kv) => {
                 let e: Option<IdempotencyEntry> = serde_json::from_slice(&kv.value).ok();
                 match e {
-                    Some(e) if now.saturating_sub(e.created_ms) < IDEMPOTENCY_WINDOW_MS => {
+                    Some(e) if now.saturating_sub(e.created_ms) < window_ms => {
                         if e.body_sha256 != body_sha256 {
                             return Err(ApiError::new(
                                 ErrorCode::Conflict,
                                 "this Idempotency-Key was already used with a different body",
                             ));
                         }
-                        return Ok(accepted(&e.task_id, None, true));
+                        // The same task: say where it stands and which version it runs.
+                        let t = load(st, who, &e.task_id).await.ok().map(|(t, _)| t);
+                        return Ok(accepted(&e.task_id, t.as_ref(), true));
                     }
                     // Expired: the key may be reused.
                     _ => Compare::mod_revision(&ikey, kv.mod_revision),
@@ -202,7 +222,7 @@ pub async fn submit(
             failure: vec![],
         };
         if st.store.txn(txn).await?.succeeded {
-            return Ok(accepted(&task.id, Some(task.version.version), false));
+            return Ok(accepted(&task.id, Some(&task), false));
         }
     }
     Err(ApiError::new(
@@ -211,13 +231,17 @@ pub async fn submit(
     ))
 }
 
-/// The 202 of a submission; `version` is the version the task runs (known here unless
-/// this is a replay of an earlier submission).
-fn accepted(task_id: &str, version: Option<u32>, replayed: bool) -> Response {
+/// The 202 of a submission (or of a repeat of one): the task, the version it runs, and
+/// for a repeat its state now.
+fn accepted(task_id: &str, task: Option<&TaskRecord>, replayed: bool) -> Response {
     let url = format!("/v1/tasks/{task_id}");
     let mut body = json!({ "task_id": task_id, "status_url": url, "idempotent_replay": replayed });
+    let version = task.map(|t| t.version.version);
     if let Some(v) = version {
         body["version"] = json!(v);
+    }
+    if let Some(t) = task.filter(|_| replayed) {
+        body["state"] = json!(t.state.as_str());
     }
     let mut r = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Some(v) = version {

@@ -107,6 +107,8 @@ struct Snapshot {
     tenants: HashMap<String, Arc<TenantRecord>>,
     /// sha256 of a key → its tenant.
     keys: HashMap<String, String>,
+    /// A key's public id → its tenant (SigV4 access key ids name keys by id).
+    key_ids: HashMap<String, String>,
 }
 
 /// Tenants and key hashes, kept current by watches.
@@ -159,6 +161,7 @@ impl Directory {
                 kv.key.strip_prefix(keys::API_KEYS),
                 serde_json::from_slice::<ApiKeyRecord>(&kv.value),
             ) {
+                snap.key_ids.insert(k.id, k.tenant.clone());
                 snap.keys.insert(sha.to_string(), k.tenant);
             }
         }
@@ -188,6 +191,13 @@ impl Directory {
         let sha = ferry_core::id::sha256_hex(presented.as_bytes());
         let snap = self.snap();
         let tenant = snap.keys.get(&sha)?;
+        snap.tenants.get(tenant).cloned()
+    }
+
+    /// The tenant of the live key with public id `id`.
+    pub fn by_key_id(&self, id: &str) -> Option<Arc<TenantRecord>> {
+        let snap = self.snap();
+        let tenant = snap.key_ids.get(id)?;
         snap.tenants.get(tenant).cloned()
     }
 
@@ -441,6 +451,10 @@ pub async fn create_key(
     tracing::info!(tenant = %id, key_id = %rec.id, "api key created");
     let mut v = serde_json::to_value(&rec).unwrap_or_default();
     v["key"] = json!(secret);
+    // The same key as an AWS SigV4 pair (for the Lambda API); the secret is derived, not
+    // stored (see sigv4.rs).
+    v["aws_access_key_id"] = json!(crate::sigv4::access_key_id(&rec.id));
+    v["aws_secret_access_key"] = json!(crate::sigv4::secret_access_key(&st.cfg.token, &rec.id));
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 

@@ -166,14 +166,15 @@ impl Breaker {
         }
     }
 
-    /// Records one attempt's outcome. `may_eject`: the pool has room for one more
-    /// ejected member. `jitter_unit` in 0..1 picks the jitter.
+    /// Records one attempt's outcome. `may_eject`: whether the pool has room for one
+    /// more ejected member (asked only when a threshold is crossed: it may be costly).
+    /// `jitter_unit` in 0..1 picks the jitter.
     pub fn record(
         &mut self,
         cfg: &BreakerConfig,
         now: Instant,
         failed: bool,
-        may_eject: bool,
+        may_eject: impl FnOnce() -> bool,
         jitter_unit: f64,
     ) -> Transition {
         match self.state {
@@ -214,7 +215,7 @@ impl Breaker {
                         && failures / f64::from(volume) >= cfg.failure_rate);
                 if !tripped {
                     Transition::None
-                } else if !may_eject {
+                } else if !may_eject() {
                     Transition::Spared
                 } else {
                     if now.saturating_duration_since(self.closed_since) > cfg.max_ejection {
@@ -263,13 +264,13 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..4 {
-            assert_eq!(b.record(&c, t0, true, true, 0.0), Transition::None);
+            assert_eq!(b.record(&c, t0, true, || true, 0.0), Transition::None);
         }
-        assert_eq!(b.record(&c, t0, false, true, 0.0), Transition::None);
+        assert_eq!(b.record(&c, t0, false, || true, 0.0), Transition::None);
         for _ in 0..4 {
-            assert_eq!(b.record(&c, t0, true, true, 0.0), Transition::None);
+            assert_eq!(b.record(&c, t0, true, || true, 0.0), Transition::None);
         }
-        let Transition::Ejected { until, ejections } = b.record(&c, t0, true, true, 0.0) else {
+        let Transition::Ejected { until, ejections } = b.record(&c, t0, true, || true, 0.0) else {
             panic!("the fifth failure in a row ejects");
         };
         assert_eq!((until - t0, ejections), (Duration::from_secs(30), 1));
@@ -285,7 +286,7 @@ mod tests {
         // Alternating: never 5 in a row, but 50% of 10 in the window.
         let mut last = Transition::None;
         for i in 0..10 {
-            last = b.record(&c, t0, i % 2 == 1, true, 0.0);
+            last = b.record(&c, t0, i % 2 == 1, || true, 0.0);
         }
         assert!(matches!(last, Transition::Ejected { .. }), "{last:?}");
 
@@ -293,7 +294,7 @@ mod tests {
         let mut b = Breaker::new(t0);
         for i in 0..40u64 {
             let t = t0 + Duration::from_secs(i * 4);
-            assert_eq!(b.record(&c, t, i % 2 == 1, true, 0.0), Transition::None);
+            assert_eq!(b.record(&c, t, i % 2 == 1, || true, 0.0), Transition::None);
         }
     }
 
@@ -303,21 +304,21 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..5 {
-            b.record(&c, t0, true, true, 0.0);
+            b.record(&c, t0, true, || true, 0.0);
         }
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(b.admission(t1), Admission::Probe);
         b.probe_started();
         assert_eq!(b.admission(t1), Admission::Deny, "one probe at a time");
         // The probe fails: ejected for 2 × 30 s.
-        let Transition::Ejected { until, ejections } = b.record(&c, t1, true, true, 0.0) else {
+        let Transition::Ejected { until, ejections } = b.record(&c, t1, true, || true, 0.0) else {
             panic!("a failed probe ejects again");
         };
         assert_eq!((until - t1, ejections), (Duration::from_secs(60), 2));
         let t2 = until;
         assert_eq!(b.admission(t2), Admission::Probe);
         b.probe_started();
-        assert_eq!(b.record(&c, t2, false, true, 0.0), Transition::Restored);
+        assert_eq!(b.record(&c, t2, false, || true, 0.0), Transition::Restored);
         assert_eq!(b.admission(t2), Admission::Allow);
         assert_eq!(b.ejections(), 2, "remembered until it decays");
     }
@@ -328,10 +329,10 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..5 {
-            b.record(&c, t0, true, true, 0.0);
+            b.record(&c, t0, true, || true, 0.0);
         }
         // A late result of work placed before the ejection changes nothing.
-        assert_eq!(b.record(&c, t0, false, true, 0.0), Transition::None);
+        assert_eq!(b.record(&c, t0, false, || true, 0.0), Transition::None);
         assert!(matches!(b.state(), State::Open { .. }));
         let t1 = t0 + Duration::from_secs(31);
         b.probe_started();
@@ -345,9 +346,9 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..4 {
-            b.record(&c, t0, true, false, 0.0);
+            b.record(&c, t0, true, || false, 0.0);
         }
-        assert_eq!(b.record(&c, t0, true, false, 0.0), Transition::Spared);
+        assert_eq!(b.record(&c, t0, true, || false, 0.0), Transition::Spared);
         assert_eq!(b.admission(t0), Admission::Allow);
         assert_eq!(c.max_ejected(1), 0, "a pool of one is never ejected");
         assert_eq!(c.max_ejected(2), 1);
@@ -386,7 +387,7 @@ mod tests {
                 let failed = rng.random_bool(0.6);
                 let jitter = rng.random::<f64>();
                 let before = b.ejections();
-                match b.record(&c, now, failed, true, jitter) {
+                match b.record(&c, now, failed, || true, jitter) {
                     Transition::Ejected { until, ejections } => {
                         assert!(ejections == before + 1 || ejections == 1);
                         let base = (c.base_ejection * ejections).min(c.max_ejection);

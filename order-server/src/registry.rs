@@ -415,8 +415,10 @@ impl Registry {
             // Keep every cached view of this node current: its reservation grew, and a
             // probe placed on it closes it to further work.
             let reopened = n.breaker.admission(now) != Admission::Deny;
+            // Every set lists the nodes in the table's iteration order (the table is not
+            // resized under this lock), so the node sits at `chosen` in each.
             for ((f, _), set) in views.iter_mut() {
-                if let Some(v) = set.iter_mut().find(|v| v.id == node_id) {
+                if let Some(v) = set.get_mut(chosen).filter(|v| v.id == node_id) {
                     add(&mut v.used, &reserved);
                     if !reopened || (probe_function && *f == function) {
                         v.schedulable = false;
@@ -457,51 +459,75 @@ impl Registry {
     ) {
         let now = Instant::now();
         let cfg = self.cfg.breaker;
-        let Some(entry) = t.nodes.get(node_id) else {
+        let Some(pool) = t.nodes.get(node_id).map(|n| n.pool.clone()) else {
             return;
         };
-        let pool = &entry.pool;
-        let members: Vec<&NodeEntry> = t.nodes.values().filter(|n| n.pool == *pool).collect();
-        let budget = cfg.max_ejected(members.len());
-        let node_room = members.iter().filter(|n| n.breaker.is_ejected()).count() < budget;
-        let fn_room = members
-            .iter()
-            .filter(|n| {
-                n.fn_breakers
-                    .get(&p.function)
-                    .is_some_and(Breaker::is_ejected)
-            })
-            .count()
-            < budget;
-        let Some(n) = t.nodes.get_mut(node_id) else {
-            return;
+        // Whether the pool may lose one more member: a pass over the nodes, so the
+        // breakers ask for it only when a threshold is crossed. While it runs, the
+        // breaker being decided is out of the table (a closed one stands in for it,
+        // which is what it is until it trips).
+        let room = |t: &Table, of_function: Option<&str>| {
+            let (mut size, mut ejected) = (0, 0);
+            for n in t.nodes.values().filter(|n| n.pool == pool) {
+                size += 1;
+                let out = match of_function {
+                    None => n.breaker.is_ejected(),
+                    Some(f) => n.fn_breakers.get(f).is_some_and(Breaker::is_ejected),
+                };
+                ejected += usize::from(out);
+            }
+            ejected < cfg.max_ejected(size)
         };
         let mut events = vec![];
         match node {
             Some(failed) => {
-                let tr = n
-                    .breaker
-                    .record(&cfg, now, failed, node_room, rand::rng().random());
+                let Some(n) = t.nodes.get_mut(node_id) else {
+                    return;
+                };
+                let mut b = std::mem::replace(&mut n.breaker, Breaker::new(now));
+                let tr = b.record(&cfg, now, failed, || room(t, None), rand::rng().random());
+                if let Some(n) = t.nodes.get_mut(node_id) {
+                    n.breaker = b;
+                }
                 events.push((tr, None));
             }
-            None if p.probe_node => n.breaker.probe_abandoned(),
+            None if p.probe_node => {
+                if let Some(n) = t.nodes.get_mut(node_id) {
+                    n.breaker.probe_abandoned();
+                }
+            }
             None => {}
         }
         match func {
             Some(failed) => {
-                let b = n
+                let Some(n) = t.nodes.get_mut(node_id) else {
+                    return;
+                };
+                let mut b = n
                     .fn_breakers
-                    .entry(p.function.clone())
-                    .or_insert_with(|| Breaker::new(now));
-                let tr = b.record(&cfg, now, failed, fn_room, rand::rng().random());
+                    .remove(&p.function)
+                    .unwrap_or_else(|| Breaker::new(now));
+                let tr = b.record(
+                    &cfg,
+                    now,
+                    failed,
+                    || room(t, Some(&p.function)),
+                    rand::rng().random(),
+                );
                 // A healthy, closed breaker with nothing counted is not worth keeping.
-                if b.state() == State::Closed && b.consecutive_failures() == 0 && !failed {
-                    n.fn_breakers.remove(&p.function);
+                let keep =
+                    !(b.state() == State::Closed && b.consecutive_failures() == 0 && !failed);
+                if keep && let Some(n) = t.nodes.get_mut(node_id) {
+                    n.fn_breakers.insert(p.function.clone(), b);
                 }
                 events.push((tr, Some(p.function.clone())));
             }
             None if p.probe_function => {
-                if let Some(b) = n.fn_breakers.get_mut(&p.function) {
+                if let Some(b) = t
+                    .nodes
+                    .get_mut(node_id)
+                    .and_then(|n| n.fn_breakers.get_mut(&p.function))
+                {
                     b.probe_abandoned();
                 }
             }

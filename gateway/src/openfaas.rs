@@ -1,0 +1,194 @@
+//! OpenFaaS's invocation paths: `ANY /function/{name}[/…]` (synchronous) and
+//! `POST /async-function/{name}[/…]` (202 with `X-Call-Id`; `X-Callback-Url` receives the
+//! result with `X-Function-Status` and `X-Call-Id`). The request body is the function's
+//! input, as with OpenFaaS's classic watchdog; the answer is the output. Authentication:
+//! `Authorization: Bearer` (admin token or tenant key), or Basic with the key as the
+//! password; unsigned only where the operator allows it.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use ferry_core::Error;
+
+use crate::AppState;
+use crate::api::{RequestId, bearer, invoke_sync, split_qualifier};
+use crate::tasks::submit_task;
+use crate::tenancy::Principal;
+
+fn text(status: u16, msg: &str) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{msg}\n"),
+    )
+        .into_response()
+}
+
+/// Who the request acts for; `None`: refuse it (401).
+fn who(st: &AppState, headers: &HeaderMap) -> Option<Principal> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if auth.is_empty() {
+        return st.cfg.allow_unsigned_compat.then_some(Principal::Admin);
+    }
+    if let Some(b) = auth
+        .strip_prefix("Basic ")
+        .or_else(|| auth.strip_prefix("basic "))
+    {
+        // Basic USER:KEY: the key is the password (the user is ignored).
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .ok()
+            .and_then(|d| String::from_utf8(d).ok())
+            .unwrap_or_default();
+        let key = decoded.split_once(':').map_or("", |(_, p)| p);
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+            h.insert(header::AUTHORIZATION, v);
+        }
+        return bearer(st, &h);
+    }
+    bearer(st, headers)
+}
+
+fn unauthorized() -> Response {
+    text(
+        401,
+        "unauthorized: send a key as a Bearer token (or as a Basic password)",
+    )
+}
+
+/// A native error as OpenFaaS answers it: its status and a line of text.
+fn error_text(e: &Error) -> Response {
+    use ferry_core::ErrorCode as C;
+    let status = match e.code {
+        C::FunctionError | C::Timeout => 500,
+        c => c.http_status(),
+    };
+    text(status, &e.message)
+}
+
+/// `ANY /function/{name}`.
+pub async fn sync(
+    State(st): State<Arc<AppState>>,
+    axum::Extension(rid): axum::Extension<RequestId>,
+    Path(params): Path<Vec<(String, String)>>,
+    req: Request,
+) -> Response {
+    let name = params
+        .iter()
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    let Some(who) = who(&st, &parts.headers) else {
+        return unauthorized();
+    };
+    let (shown, qualified) = split_qualifier(&name);
+    let started = std::time::Instant::now();
+    let resp = match invoke_sync(
+        &st,
+        &who,
+        &rid.0,
+        shown,
+        &qualified,
+        &parts.headers,
+        body,
+        false,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return error_text(&e.0),
+    };
+    let (rparts, rbody) = resp.into_parts();
+    let mut out = match rparts.extensions.get::<Error>() {
+        Some(e) => error_text(e),
+        None => {
+            let mut r = Response::new(rbody);
+            for k in [
+                header::CONTENT_TYPE.as_str(),
+                "idempotent-replayed",
+                "x-ferry-idempotency",
+                "x-ferry-alias",
+            ] {
+                if let Some(v) = rparts.headers.get(k) {
+                    r.headers_mut().insert(k, v.clone());
+                }
+            }
+            r
+        }
+    };
+    let h = out.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&rid.0) {
+        h.insert("x-call-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{:.6}", started.elapsed().as_secs_f64())) {
+        h.insert("x-duration-seconds", v);
+    }
+    if let Some(v) = rparts.headers.get("x-ferry-version") {
+        h.insert("x-ferry-version", v.clone());
+    }
+    out
+}
+
+/// `POST /async-function/{name}`.
+pub async fn submit(
+    State(st): State<Arc<AppState>>,
+    axum::Extension(rid): axum::Extension<RequestId>,
+    Path(params): Path<Vec<(String, String)>>,
+    req: Request,
+) -> Response {
+    let name = params
+        .iter()
+        .find(|(k, _)| k == "name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let (parts, body) = req.into_parts();
+    let Some(who) = who(&st, &parts.headers) else {
+        return unauthorized();
+    };
+    let mut headers = parts.headers.clone();
+    if let Some(url) = parts.headers.get("x-callback-url") {
+        headers.insert("x-ferry-callback-url", url.clone());
+    }
+    let (shown, qualified) = split_qualifier(&name);
+    let resp = match submit_task(
+        &st,
+        &who,
+        &rid.0,
+        shown,
+        &qualified,
+        &headers,
+        body,
+        ferry_core::task::CallbackStyle::Openfaas,
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return error_text(&e.0),
+    };
+    if let Some(e) = resp.extensions().get::<Error>() {
+        return error_text(e);
+    }
+    let task_id = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| l.rsplit('/').next())
+        .unwrap_or_default()
+        .to_string();
+    let mut out = StatusCode::ACCEPTED.into_response();
+    if let Ok(v) = HeaderValue::from_str(&task_id) {
+        out.headers_mut().insert("x-call-id", v);
+    }
+    if let Some(v) = resp.headers().get("x-ferry-version") {
+        out.headers_mut().insert("x-ferry-version", v.clone());
+    }
+    out
+}
