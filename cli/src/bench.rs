@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// The gateway's own cost per request (auth, limits, routing, idempotency lookup)
     /// apart from the function, and how fast it refuses with 429.
     Gateway(crate::bench_gateway::GatewayBench),
+    /// The order-server with simulated nodes: tasks placed and committed per second,
+    /// failure detection and re-placement.
+    Schedule(crate::bench_schedule::ScheduleBench),
 }
 
 #[derive(Args, Debug)]
@@ -51,6 +54,7 @@ pub async fn run(cmd: BenchCommand, env: &Env) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Invoke(b) => invoke(b, env).await,
         BenchCommand::Gateway(b) => crate::bench_gateway::run(b).await,
+        BenchCommand::Schedule(b) => crate::bench_schedule::run(b).await,
     }
 }
 
@@ -320,6 +324,7 @@ async fn runtime_baseline(dir: &std::path::Path, data: &str) -> anyhow::Result<S
         version: 1,
         request_id: "bench".into(),
         progress: None,
+        env: vec![],
     };
     let handle = std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
         runtime

@@ -369,6 +369,7 @@ pub async fn run_local(a: RunArgs) -> anyhow::Result<ExitCode> {
         version: 0,
         request_id: ferry_core::id::new_id(),
         progress: None,
+        env: vec![],
     };
     let inv = runtime
         .invoke(&sha, req)

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod alias;
 pub mod bench;
 pub mod bench_gateway;
+pub mod bench_schedule;
 pub mod client;
 pub mod components;
 pub mod nodes;

@@ -111,6 +111,12 @@ impl Cluster {
             c.gateway = Some(gateway.url.clone());
             c.token = Some(cfg.token.clone());
             c.cache_dir = cache_dir.clone();
+            // Functions that submit tasks of their own (the transcode's segments) call
+            // this gateway with the cluster credential.
+            c.function_env = vec![
+                ("FERRY_API_URL".into(), gateway.url.clone()),
+                ("FERRY_API_TOKEN".into(), cfg.token.clone()),
+            ];
             agents.push(ferry_order_client::start(
                 c,
                 Some(store.clone()),

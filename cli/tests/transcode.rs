@@ -595,12 +595,16 @@ async fn reproducible_mode_gives_identical_bytes() {
 }
 
 /// Serves one file over HTTP/1.1 with byte ranges (enough for ffmpeg's http client).
-fn serve(file: PathBuf) -> String {
+/// Also returns how many requests it has answered.
+fn serve(file: PathBuf) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let file = file.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
@@ -635,7 +639,7 @@ fn serve(file: PathBuf) -> String {
             });
         }
     });
-    format!("http://{addr}/in.mp4")
+    (format!("http://{addr}/in.mp4"), count)
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
@@ -660,7 +664,7 @@ async fn a_small_source_over_http_drops_the_taller_rungs() {
     let input = dir.path().join("in360.mp4");
     clip(&input, 640, 360, 25, 4);
     let src = source_facts(&input);
-    let http = serve(input.clone());
+    let (http, requests) = serve(input.clone());
 
     // A raw request, to read the log tail as well.
     let body =
@@ -690,6 +694,16 @@ async fn a_small_source_over_http_drops_the_taller_rungs() {
     );
 
     assert_eq!(m["input"], http.as_str());
+    // Downloaded once; probe, ladder, cover and quality all read that copy.
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one request for the whole invocation"
+    );
+    assert_eq!(
+        m["input_download"]["bytes"].as_u64(),
+        Some(std::fs::metadata(&input).unwrap().len())
+    );
     // The node gave this invocation no GPU: the CPU path, and the manifest says why.
     assert_eq!(m["acceleration"]["path"], "cpu");
     assert_eq!(m["acceleration"]["encoder"], "libx265");
@@ -827,4 +841,156 @@ fn a_visible_gpu_that_does_not_work_leaves_the_cpu_plan() {
         !dir.path().join("ferry-gpu-probe.mp4").exists(),
         "the probe's sample is removed"
     );
+}
+
+/// A source over the (lowered) threshold is cut into 4 s segments, each an async task of
+/// the function through the platform's own API (three node agents: the invocation
+/// itself and two more), joined without re-encoding and muxed with audio encoded once.
+/// The result passes the same checks as a one-pass ladder, HLS included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_source_is_encoded_segment_parallel_through_tasks() {
+    segmented(3).await;
+}
+
+/// With one node agent the segment tasks can never be placed while the invocation
+/// holds the node: it takes each back (cancels it while queued) and encodes it itself,
+/// instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_node_the_segments_are_taken_back_instead_of_waiting() {
+    let ran = segmented(1).await;
+    assert_eq!(ran, vec!["here"; 3]);
+}
+
+/// Runs the segment-parallel case on `nodes` node agents; returns where each segment
+/// ran.
+async fn segmented(nodes: u32) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = common::start_cluster(&dir.path().join("ferry"), nodes).await;
+    client.deploy("transcode", package()).await.unwrap();
+    let input = dir.path().join("in.mp4");
+    clip(&input, 640, 360, 25, 11);
+    let src = source_facts(&input);
+    let out = dir.path().join("out");
+    let m = invoke(
+        &client,
+        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
+               "segment_threshold_s": 5, "segment_s": 4, "hls": true,
+               "ladder": [{"name": "240p", "height": 240, "bitrate_kbps": 300},
+                          {"name": "360p", "height": 360, "bitrate_kbps": 600}]}),
+    )
+    .await;
+    assert!(
+        m.get("segmented_error").is_none(),
+        "{}",
+        m["segmented_error"]
+    );
+    let report = &m["segmented"];
+    assert_eq!(report["segment_s"], 4.0);
+    let segs = report["segments"].as_array().unwrap();
+    let starts: Vec<f64> = segs
+        .iter()
+        .map(|s| s["start_s"].as_f64().unwrap())
+        .collect();
+    assert_eq!(starts, vec![0.0, 4.0, 8.0], "cut at multiples of 4 s");
+    assert_eq!(segs[2].get("duration_s"), None, "the last runs to the end");
+    assert_eq!(segs[0]["ran"], "here");
+    // Every other segment went through the async task API: the task it ran as
+    // succeeded, or was still queued when this invocation was free and was cancelled
+    // and encoded here instead.
+    for s in &segs[1..] {
+        let id = s["task_id"].as_str().unwrap_or_else(|| panic!("{s}"));
+        let t = client.task(id).await.unwrap();
+        match s["ran"].as_str().unwrap() {
+            "task" => {
+                assert_eq!(t["state"], "succeeded", "{t}");
+                // The task's answer is the segment's own manifest.
+                assert_eq!(t["output"]["segment"]["index"], s["index"], "{t}");
+            }
+            "here" => {
+                assert_eq!(t["state"], "cancelled", "{t}");
+                assert!(s["taken_back"].as_str().unwrap().contains("queued"), "{s}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    let ran: Vec<String> = segs
+        .iter()
+        .map(|s| s["ran"].as_str().unwrap().to_string())
+        .collect();
+    eprintln!("segments ran: {ran:?}");
+    assert!(
+        report["audio_command"]
+            .as_str()
+            .unwrap()
+            .contains("-c:a aac")
+    );
+
+    assert_eq!(names(&m["renditions"]), vec!["240p", "360p"]);
+    assert_eq!(m["failed"], json!([]));
+    let mut keys = vec![];
+    for (r, (w, h, kbps)) in m["renditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([(426, 240, 300.0), (640, 360, 600.0)])
+    {
+        assert_eq!(r["encoded_in"], "segments");
+        assert!(r["ffmpeg_command"].as_str().unwrap().contains("-f concat"));
+        keys.push(check_rendition(r, &src, "h265", w, h, kbps));
+    }
+    assert_eq!(keys[0], vec![0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+    assert_eq!(keys[0], keys[1]);
+    check_hls(&m, &src, &["240p", "360p"]);
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".ferry-segments"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the segments' work folder is removed: {left:?}"
+    );
+    cluster.shutdown().await;
+    ran
+}
+
+/// Segment-parallel with a rung forced to fail: every segment fails it (and retries it
+/// alone), so the joined result delivers the other rung and lists the failed one with
+/// the segment's reason, like a one-pass run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rung_failing_in_the_segments_is_reported_and_the_others_are_joined() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, client) = common::start_cluster(&dir.path().join("ferry"), 1).await;
+    client.deploy("transcode", package()).await.unwrap();
+    let input = dir.path().join("in.mp4");
+    clip(&input, 640, 360, 25, 9);
+    let src = source_facts(&input);
+    let out = dir.path().join("out");
+    let m = invoke(
+        &client,
+        json!({"input": url(&input), "output": url(&out), "preset": "ultrafast",
+               "segment_threshold_s": 5, "segment_s": 4, "fail_rung": "360p", "quality": false,
+               "ladder": [{"name": "240p", "height": 240, "bitrate_kbps": 300},
+                          {"name": "360p", "height": 360, "bitrate_kbps": 600}]}),
+    )
+    .await;
+    assert_eq!(m["segmented"]["segments"].as_array().unwrap().len(), 3);
+    assert_eq!(names(&m["renditions"]), vec!["240p"]);
+    assert_eq!(names(&m["failed"]), vec!["360p"]);
+    let why = m["failed"][0]["reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("segment 0: ") && why.contains("ferry-forced-failure"),
+        "{why}"
+    );
+    assert!(!out.join("360p.mp4").exists());
+    let r = &m["renditions"][0];
+    assert_eq!(r["encoded_in"], "segments");
+    let v = video(Path::new(r["path"].as_str().unwrap()));
+    assert_eq!(num(&v["nb_read_frames"]) as u64, src.frames);
+    assert_eq!(
+        keyframes(Path::new(r["path"].as_str().unwrap())),
+        vec![0.0, 2.0, 4.0, 6.0, 8.0]
+    );
+    cluster.shutdown().await;
 }

@@ -40,6 +40,10 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Longest pause between reconnection attempts.
     pub reconnect_max: Duration,
+    /// Environment variables given to every native function this node runs (set by the
+    /// operator, e.g. `FERRY_API_URL` and `FERRY_API_TOKEN` for functions that submit
+    /// tasks of their own).
+    pub function_env: Vec<(String, String)>,
 }
 
 impl Config {
@@ -65,6 +69,7 @@ impl Config {
             tags: vec!["cpu".into()],
             labels: BTreeMap::new(),
             reconnect_max: Duration::from_secs(2),
+            function_env: vec![],
         }
     }
 }
@@ -477,6 +482,7 @@ impl Agent {
             version: spec.version,
             request_id: a.request_id,
             progress: Some(progress_tx),
+            env: self.inner.cfg.function_env.clone(),
         };
         // Progress goes to the order-server as it comes (dropped while disconnected:
         // only the latest matters, and the result follows anyway).

@@ -86,6 +86,7 @@ fn main() {
         version: 1,
         request_id: "bench".into(),
         progress: None,
+        env: vec![],
     };
     let check = rt.invoke_wasm_blocking(&sha, &req).unwrap();
     assert!(

@@ -82,6 +82,12 @@ pub struct Request {
     /// for the stderr line format); `None`: they are parsed and dropped. Never part of
     /// the log tail either way.
     pub progress: Option<tokio::sync::mpsc::UnboundedSender<Progress>>,
+    /// Extra environment variables for a native function (e.g. the operator's
+    /// `FERRY_API_URL` / `FERRY_API_TOKEN`), set after the allow-listed ones; the
+    /// runtime's own names (`PATH`, `HOME`, `TMPDIR`, `LANG`, `FERRY_FUNCTION`,
+    /// `FERRY_VERSION`, `FERRY_REQUEST_ID`) cannot be replaced and are skipped, as are
+    /// invalid names. Ignored by wasm functions.
+    pub env: Vec<(String, String)>,
 }
 
 /// How an invocation ended.

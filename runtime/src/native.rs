@@ -7,7 +7,9 @@
 //!   afterwards (also on timeout or when the invocation is abandoned). `HOME` and
 //!   `TMPDIR` point at it.
 //! * **environment**: cleared, then only `PATH=/usr/local/bin:/usr/bin:/bin`, `HOME`,
-//!   `TMPDIR`, `LANG=C.UTF-8`, `FERRY_FUNCTION`, `FERRY_VERSION`, `FERRY_REQUEST_ID`.
+//!   `TMPDIR`, `LANG=C.UTF-8`, `FERRY_FUNCTION`, `FERRY_VERSION`, `FERRY_REQUEST_ID`,
+//!   plus the request's extra variables ([`Request::env`], e.g. the operator's API
+//!   address and credential), which cannot replace those.
 //! * **I/O**: the input is written to stdin (concurrently with reading stdout, then
 //!   closed); stdout is the output, at most `max_output_bytes` (more: the process
 //!   group is killed and the outcome is `Failed`); the last `log_tail_bytes` of stderr
@@ -186,6 +188,28 @@ impl Drop for Cgroup {
     }
 }
 
+/// The variables the runtime sets itself: an extra variable cannot replace them.
+pub const RESERVED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "LANG",
+    "FERRY_FUNCTION",
+    "FERRY_VERSION",
+    "FERRY_REQUEST_ID",
+];
+
+/// Whether an extra variable is set: a valid name (`[A-Za-z_][A-Za-z0-9_]*`), not
+/// reserved, no NUL in the value.
+fn extra_env_allowed(name: &str, value: &str) -> bool {
+    let valid = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    valid && !RESERVED_ENV.contains(&name) && !value.contains('\0')
+}
+
 /// A directory name from a request id: its safe characters, plus randomness so
 /// concurrent invocations never share one.
 fn scratch_name(request_id: &str) -> String {
@@ -282,6 +306,12 @@ pub(crate) async fn invoke(
         .env("FERRY_FUNCTION", &req.function)
         .env("FERRY_VERSION", req.version.to_string())
         .env("FERRY_REQUEST_ID", &req.request_id)
+        .envs(
+            req.env
+                .iter()
+                .filter(|(k, v)| extra_env_allowed(k, v))
+                .map(|(k, v)| (k, v)),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -420,6 +450,18 @@ pub(crate) async fn invoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_variables_cannot_replace_the_runtimes() {
+        assert!(extra_env_allowed("FERRY_API_URL", "http://127.0.0.1:7070"));
+        assert!(extra_env_allowed("_X1", ""));
+        assert!(!extra_env_allowed("PATH", "/tmp"));
+        assert!(!extra_env_allowed("FERRY_REQUEST_ID", "x"));
+        assert!(!extra_env_allowed("1X", "x"));
+        assert!(!extra_env_allowed("A=B", "x"));
+        assert!(!extra_env_allowed("", "x"));
+        assert!(!extra_env_allowed("A", "x\0y"));
+    }
 
     #[test]
     fn scratch_names_are_safe_and_unique() {

@@ -20,15 +20,24 @@ async fn a_secret_in_the_parent_environment_does_not_leak() {
     let rt = runtime(dir.path());
     let (sha, bytes) = native_package("#!/bin/sh\nenv\n");
     rt.prepare(&sha, &bytes).unwrap();
-    let inv = rt
-        .invoke(&sha, request(b"", limits(64, 5000)))
-        .await
-        .unwrap();
+    let mut req = request(b"", limits(64, 5000));
+    // The request's extra variables are set; they cannot replace the runtime's own.
+    req.env = vec![
+        ("FERRY_API_URL".into(), "http://127.0.0.1:7070".into()),
+        ("PATH".into(), "/evil".into()),
+        ("FERRY_FUNCTION".into(), "other".into()),
+    ];
+    let inv = rt.invoke(&sha, req).await.unwrap();
     let Outcome::Succeeded(out) = &inv.outcome else {
         panic!("{:?}", inv.outcome)
     };
     let env = String::from_utf8_lossy(out);
     assert!(env.contains("FERRY_FUNCTION=test-fn"), "{env}");
+    assert!(
+        env.contains("FERRY_API_URL=http://127.0.0.1:7070\n"),
+        "{env}"
+    );
+    assert!(!env.contains("/evil") && !env.contains("=other"), "{env}");
     assert!(
         !env.contains("SECRET_TOKEN") && !env.contains("hunter2"),
         "{env}"

@@ -13,6 +13,18 @@
 //! # best of BENCH_REPS interleaved runs (a shared 2-vCPU VM varies ±20 % run to run)
 //! ```
 //!
+//! With `BENCH_MODE=segments` it measures instead, in one run:
+//!
+//! (c) a long source (BENCH_SECONDS=120 by default, 640x360 testsrc2, preset veryfast,
+//!     240p + 360p rungs) encoded segment-parallel (`segment_threshold_s` 60,
+//!     `segment_s` BENCH_SEGMENT_S=30: four segments as async tasks) against the same
+//!     request in one pass (threshold above the duration), on `ferry up --nodes
+//!     BENCH_NODES` (4), with every rendition's frame count checked equal.
+//!
+//! ```sh
+//! BENCH_MODE=segments cargo run --release -p transcode --example bench
+//! ```
+//!
 //! A benchmark, not a test: it prints figures and asserts nothing about speed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -67,8 +79,18 @@ fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
         .canonicalize()?;
-    let secs: u32 = env_or("BENCH_SECONDS", 20);
-    let preset: String = env_or("BENCH_PRESET", "medium".to_string());
+    let segments_mode = std::env::var("BENCH_MODE").is_ok_and(|m| m == "segments");
+    let secs: u32 = env_or("BENCH_SECONDS", if segments_mode { 120 } else { 20 });
+    let preset: String = env_or(
+        "BENCH_PRESET",
+        if segments_mode { "veryfast" } else { "medium" }.to_string(),
+    );
+    let nodes: u32 = env_or("BENCH_NODES", if segments_mode { 4 } else { 1 });
+    let size = if segments_mode {
+        "640x360"
+    } else {
+        "1920x1080"
+    };
     let reps: u32 = env_or("BENCH_REPS", 2).max(1);
     let ferry = root.join("target/release/ferry");
     for bin in [&ferry, &root.join("target/release/transcode")] {
@@ -83,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(work.join("ferry"));
     let _ = std::fs::remove_dir_all(work.join("out"));
     std::fs::create_dir_all(&work)?;
-    let input = work.join(format!("in-{secs}s-1080p25.mp4"));
+    let input = work.join(format!("in-{secs}s-{size}p25.mp4"));
     if !input.exists() {
         eprintln!("bench: generating {}", input.display());
         timed(Command::new("ffmpeg").args([
@@ -93,7 +115,7 @@ fn main() -> anyhow::Result<()> {
             "-f",
             "lavfi",
             "-i",
-            "testsrc2=size=1920x1080:rate=25",
+            &format!("testsrc2=size={size}:rate=25"),
             "-f",
             "lavfi",
             "-i",
@@ -117,7 +139,8 @@ fn main() -> anyhow::Result<()> {
     }
     let out: PathBuf = work.join("out");
 
-    // ferry up: one node agent, so every invocation lands on the same warm node.
+    // ferry up: one node agent, so every invocation lands on the same warm node (more
+    // for segment-parallel runs).
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -131,7 +154,7 @@ fn main() -> anyhow::Result<()> {
             "--token",
             "bench",
             "--nodes",
-            "1",
+            &nodes.to_string(),
         ])
         .arg("--data-dir")
         .arg(work.join("ferry"))
@@ -187,6 +210,10 @@ fn main() -> anyhow::Result<()> {
             Err(e) if Instant::now() > deadline => return Err(e.context("warm-up")),
             _ => std::thread::sleep(Duration::from_millis(300)),
         }
+    }
+
+    if segments_mode {
+        return segments(&input, &out, &preset, reps, nodes, &invoke);
     }
 
     let base = json!({
@@ -306,5 +333,83 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!("ladder command (bare run):\n  MALLOC_ARENA_MAX=4 {ladder_cmd} >/dev/null");
+    Ok(())
+}
+
+/// (c): segment-parallel against one pass, same request otherwise.
+fn segments(
+    input: &Path,
+    out: &Path,
+    preset: &str,
+    reps: u32,
+    nodes: u32,
+    invoke: &dyn Fn(&Value) -> anyhow::Result<(Duration, Value)>,
+) -> anyhow::Result<()> {
+    let segment_s: f64 = env_or("BENCH_SEGMENT_S", 30.0);
+    let body = |threshold: f64| {
+        json!({
+            "input": format!("file://{}", input.display()),
+            "output": format!("file://{}", out.display()),
+            "preset": preset, "quality": false, "cover": false,
+            "segment_threshold_s": threshold, "segment_s": segment_s,
+            "ladder": [{"name": "240p", "height": 240, "bitrate_kbps": 300},
+                       {"name": "360p", "height": 360, "bitrate_kbps": 600}],
+        })
+    };
+    let frames = |m: &Value| -> Vec<u64> {
+        m["renditions"]
+            .as_array()
+            .map(|rs| rs.iter().filter_map(|r| r["frames"].as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let (mut t_one, mut t_seg) = (Duration::MAX, Duration::MAX);
+    let mut ran = vec![];
+    for rep in 1..=reps {
+        eprintln!("bench: rep {rep}/{reps}: one pass");
+        let (t, m1) = invoke(&body(1e9))?;
+        if m1.get("segmented").is_some() {
+            bail!("the one-pass run was segmented");
+        }
+        t_one = t_one.min(t);
+        eprintln!("bench: rep {rep}/{reps}: segment-parallel");
+        let (t, m2) = invoke(&body(60.0))?;
+        let Some(segs) = m2["segmented"]["segments"].as_array() else {
+            bail!("not segmented: {}", m2["segmented_error"]);
+        };
+        if frames(&m1) != frames(&m2) || frames(&m1).is_empty() {
+            bail!(
+                "frame counts differ: {:?} vs {:?}",
+                frames(&m1),
+                frames(&m2)
+            );
+        }
+        if t < t_seg {
+            t_seg = t;
+            ran = segs
+                .iter()
+                .map(|s| s["ran"].as_str().unwrap_or_default().to_string())
+                .collect();
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("transcode benchmark: segment-parallel vs one pass");
+    println!(
+        "  machine: {} x {cores} ({}), ffmpeg from PATH; ferry up --nodes {nodes}",
+        cpu_model(),
+        std::env::consts::ARCH
+    );
+    println!(
+        "  input:   {} , preset {preset}, h265, 240p+360p, segments of {segment_s} s, best of {reps}",
+        input.display()
+    );
+    println!(
+        "  one pass                                 {:8.2} s",
+        t_one.as_secs_f64()
+    );
+    println!(
+        "  segment-parallel                         {:8.2} s   ratio {:.3} (segmented / one pass); segments ran {ran:?}",
+        t_seg.as_secs_f64(),
+        t_seg.as_secs_f64() / t_one.as_secs_f64()
+    );
     Ok(())
 }

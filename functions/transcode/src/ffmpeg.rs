@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::gpu::{Accel, Plan, nvenc_preset};
 use crate::ladder::{Planned, even};
 use crate::probe::Source;
-use crate::request::{Codec, Job};
+use crate::request::{Codec, Job, SegmentSpec};
 
 /// `-rw_timeout` for network inputs: give up on a stalled download after 30 s.
 const NETWORK_TIMEOUT_US: &str = "30000000";
@@ -41,6 +41,9 @@ pub struct Settings {
     /// and quality passes always run on the CPU.
     pub accel: Accel,
     pub cuda_decode: bool,
+    /// Only this part of the source (one segment of a segment-parallel job; its video
+    /// only: the parent encodes the audio once).
+    pub segment: Option<SegmentSpec>,
 }
 
 /// Frames between keyframes: the interval times the frame rate, at least 1.
@@ -56,7 +59,7 @@ impl Settings {
             codec: job.codec,
             preset: job.preset.clone(),
             audio_bitrate_kbps: job.audio_bitrate_kbps,
-            has_audio: source.has_audio,
+            has_audio: source.has_audio && job.segment.is_none(),
             keyframe_interval_s: job.keyframe_interval_s,
             keyint_frames: keyint_frames(source.fps, job.keyframe_interval_s),
             reproducible: job.reproducible,
@@ -64,6 +67,7 @@ impl Settings {
             pool_threads: cores.clamp(1, MAX_X265_POOL),
             accel: Accel::Cpu,
             cuda_decode: false,
+            segment: job.segment.clone(),
         }
     }
 
@@ -108,6 +112,15 @@ pub fn ladder_args(set: &Settings, rungs: &[Planned], dir: &Path) -> Vec<String>
     a.extend(["-nostats", "-progress", "pipe:1", "-stats_period", "1"].map(s));
     if set.cuda_decode {
         a.extend(["-hwaccel", "cuda", "-hwaccel_output_format", "cuda"].map(s));
+    }
+    if let Some(seg) = &set.segment {
+        // Input seeking is frame-accurate when transcoding: output starts at the first
+        // frame at or after start_s (a keyframe time of the whole ladder), and -t stops
+        // before the next segment's first frame.
+        a.extend([s("-ss"), num(seg.start_s)]);
+        if let Some(d) = seg.duration_s {
+            a.extend([s("-t"), num(d)]);
+        }
     }
     a.extend(input_args(set));
     if set.reproducible {
@@ -776,6 +789,31 @@ mod tests {
         // The cover and quality passes stay on the CPU whatever the plan.
         let c = cover_args(&set, &src, Path::new("/o/cover.jpg"));
         assert!(!c.contains(&"-hwaccel".to_string()));
+    }
+
+    #[test]
+    fn a_segment_is_seeked_and_has_no_audio() {
+        let src = source(1280, 720, true);
+        let j = job(r#","segment":{"index":2,"start_s":60,"duration_s":30}"#);
+        let set = Settings::new(&j, &src, 2);
+        let p = plan(&src, &j.ladder, true);
+        let a = ladder_args(&set, &p.rungs, Path::new("/o"));
+        let line = a.join(" ");
+        assert!(line.contains("-ss 60 -t 30 -i /in.mp4"), "{line}");
+        assert_eq!(values(&a, "-map"), vec!["[v0]", "[v1]"], "no audio");
+        assert_eq!(a.iter().filter(|x| *x == "-an").count(), 2);
+        assert_eq!(
+            values(&a, "-force_key_frames"),
+            vec!["expr:gte(t,n_forced*2)"; 2],
+            "keyframes relative to the segment's start: a multiple of 2 s"
+        );
+        let last = job(r#","segment":{"index":3,"start_s":90}"#);
+        let a = ladder_args(&Settings::new(&last, &src, 2), &p.rungs, Path::new("/o"));
+        assert_eq!(values(&a, "-ss"), vec!["90"]);
+        assert!(
+            values(&a, "-t").is_empty(),
+            "the last segment runs to the end"
+        );
     }
 
     #[test]

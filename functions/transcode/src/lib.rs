@@ -7,11 +7,13 @@
 //! JSON ([`probe`]) and the manifest ([`manifest`]) — are unit-tested; [`run`] drives
 //! the processes. See README.md for the input fields.
 
+pub mod fetch;
 pub mod ffmpeg;
 pub mod gpu;
 pub mod hls;
 pub mod ladder;
 pub mod manifest;
+pub mod parallel;
 pub mod probe;
 pub mod request;
 pub mod run;

@@ -34,6 +34,18 @@ pub struct Manifest {
     /// Why HLS packaging failed as a whole, when it did (not fatal).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hls_error: Option<String>,
+    /// This invocation was one segment of a segment-parallel job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment: Option<crate::request::SegmentSpec>,
+    /// An `http://` input downloaded once before the passes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_download: Option<crate::fetch::Downloaded>,
+    /// How a long source was encoded segment-parallel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segmented: Option<crate::parallel::Report>,
+    /// Why a source over the threshold was encoded in one pass after all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segmented_error: Option<String>,
     /// How PSNR/SSIM were measured; absent when `quality` is off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quality_method: Option<String>,
@@ -142,6 +154,9 @@ pub struct Parts<'a> {
     pub cover_error: Option<String>,
     pub hls: Option<crate::hls::Hls>,
     pub hls_error: Option<String>,
+    pub segmented: Option<crate::parallel::Report>,
+    pub segmented_error: Option<String>,
+    pub downloaded: Option<crate::fetch::Downloaded>,
     pub ffmpeg_command: String,
     pub ladder_error: Option<String>,
     pub timings: Timings,
@@ -192,6 +207,10 @@ pub fn assemble(p: Parts<'_>) -> Manifest {
         cover_error: p.cover_error,
         hls: p.hls,
         hls_error: p.hls_error,
+        segment: p.job.segment.clone(),
+        input_download: p.downloaded,
+        segmented: p.segmented,
+        segmented_error: p.segmented_error,
         quality_error: p.quality_error,
         ffmpeg_command: p.ffmpeg_command,
         ladder_error: p.ladder_error,
@@ -286,6 +305,9 @@ mod tests {
             cover_error: Some("no frame".into()),
             hls: None,
             hls_error: None,
+            segmented: None,
+            segmented_error: None,
+            downloaded: None,
             ffmpeg_command: "ffmpeg -i /in.mp4 …".into(),
             ladder_error: Some("profile".into()),
             timings: Timings::default(),

@@ -92,6 +92,24 @@ pub struct Request {
     pub fail_rung: Option<String>,
     #[serde(default)]
     pub hls: bool,
+    #[serde(default = "default_threshold")]
+    pub segment_threshold_s: f64,
+    #[serde(default = "default_segment")]
+    pub segment_s: f64,
+    /// Internal: this invocation encodes one segment of a segment-parallel job.
+    #[serde(default)]
+    pub segment: Option<SegmentSpec>,
+}
+
+/// One segment of a segment-parallel job: `[start_s, start_s + duration_s)` of the
+/// source (`duration_s` absent: to the end).
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentSpec {
+    pub index: u32,
+    pub start_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
 }
 
 fn default_codec() -> Codec {
@@ -105,6 +123,12 @@ fn default_audio() -> u32 {
 }
 fn default_keyint() -> f64 {
     2.0
+}
+fn default_threshold() -> f64 {
+    60.0
+}
+fn default_segment() -> f64 {
+    30.0
 }
 fn yes() -> bool {
     true
@@ -152,6 +176,19 @@ pub struct Job {
     pub fail_rung: Option<String>,
     /// Also package the renditions as HLS (fMP4 segments, media and master playlists).
     pub hls: bool,
+    /// Sources longer than this are encoded segment-parallel (when the platform gives
+    /// the function an API address).
+    pub segment_threshold_s: f64,
+    /// Length of each segment (a multiple of the keyframe interval).
+    pub segment_s: f64,
+    /// Set when this invocation is one segment of a segment-parallel job.
+    pub segment: Option<SegmentSpec>,
+}
+
+/// Whether `x` is a whole multiple of `step` (to a microsecond).
+pub fn multiple_of(x: f64, step: f64) -> bool {
+    let k = x / step;
+    (k - k.round()).abs() * step < 1e-6
 }
 
 /// Decodes `%XX` escapes (file URLs may carry them for spaces and the like).
@@ -299,6 +336,30 @@ pub fn parse(body: &[u8]) -> Result<Job, String> {
     {
         return Err(format!("fail_rung {f:?} names no rung of the ladder"));
     }
+    if !(req.segment_threshold_s.is_finite() && req.segment_threshold_s >= 1.0) {
+        return Err("segment_threshold_s must be at least 1".into());
+    }
+    let kf = req.keyframe_interval_s;
+    if !(req.segment_s.is_finite()
+        && (kf..=3600.0).contains(&req.segment_s)
+        && multiple_of(req.segment_s, kf))
+    {
+        return Err(format!(
+            "segment_s must be a multiple of keyframe_interval_s ({kf}) within {kf}..=3600"
+        ));
+    }
+    if let Some(seg) = &req.segment {
+        let dur_ok = seg
+            .duration_s
+            .is_none_or(|d| d.is_finite() && d > 0.0 && multiple_of(d, kf));
+        let start_ok =
+            seg.start_s.is_finite() && seg.start_s >= 0.0 && multiple_of(seg.start_s, kf);
+        if !(start_ok && dur_ok) {
+            return Err(format!(
+                "segment: start_s and duration_s must be multiples of keyframe_interval_s ({kf})"
+            ));
+        }
+    }
     let mut ladder = req.ladder;
     ladder.sort_by_key(|r| (r.height, r.bitrate_kbps));
     Ok(Job {
@@ -317,6 +378,9 @@ pub fn parse(body: &[u8]) -> Result<Job, String> {
         min_one_rendition: req.min_one_rendition,
         fail_rung: req.fail_rung,
         hls: req.hls,
+        segment_threshold_s: req.segment_threshold_s,
+        segment_s: req.segment_s,
+        segment: req.segment,
     })
 }
 
@@ -334,6 +398,10 @@ mod tests {
         assert_eq!(j.preset, "medium");
         assert_eq!(j.keyframe_interval_s, 2.0);
         assert!(j.quality && j.cover && j.min_one_rendition && !j.reproducible && !j.hls);
+        assert_eq!(
+            (j.segment_threshold_s, j.segment_s, j.segment.clone()),
+            (60.0, 30.0, None)
+        );
     }
 
     #[test]
@@ -391,5 +459,16 @@ mod tests {
             err(r#"{"input":"file:///i","output":"file:///o","ladder":[]}"#).contains("1 to 8")
         );
         assert!(err(r#"{"input":"file:///%zz","output":"file:///o"}"#).contains("escape"));
+        assert!(
+            err(r#"{"input":"file:///i","output":"file:///o","segment_s":3}"#).contains("multiple")
+        );
+        assert!(
+            err(r#"{"input":"file:///i","output":"file:///o","segment_threshold_s":0}"#)
+                .contains("segment_threshold_s")
+        );
+        assert!(
+            err(r#"{"input":"file:///i","output":"file:///o","segment":{"index":1,"start_s":3}}"#)
+                .contains("multiples")
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::ladder::{self, Planned};
 use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
 use crate::probe::{self, Source};
 use crate::request::{Input, Job};
-use crate::{gpu, hls};
+use crate::{fetch, gpu, hls, parallel};
 
 /// What a child process left behind.
 struct Ran {
@@ -86,7 +86,7 @@ fn encode(args: &[String], duration_s: f64, span: Span, step: &str) -> anyhow::R
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
             if let Some(t) = p.line(&line) {
-                eprintln!("{}", ffmpeg::progress_line(span.at(t.percent), step, &t));
+                emit(span.at(t.percent), step, &t);
             }
         }
     }
@@ -100,6 +100,37 @@ fn encode(args: &[String], duration_s: f64, span: Span, step: &str) -> anyhow::R
     })
 }
 
+/// When a segment is encoded inside this process, its own 0-100 is placed within the
+/// whole invocation's span (and its steps prefixed).
+static NESTED: std::sync::Mutex<Option<Span>> = std::sync::Mutex::new(None);
+
+/// Runs `f` with progress reports placed within `span`.
+pub(crate) fn nested<T>(span: Span, f: impl FnOnce() -> T) -> T {
+    let set = |v| {
+        *NESTED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = v
+    };
+    set(Some(span));
+    let out = f();
+    set(None);
+    out
+}
+
+/// Prints one progress line (the runtime's contract), placed within a nesting span.
+fn emit(percent: f64, step: &str, t: &Tick) {
+    let outer = *NESTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    match outer {
+        Some(span) => eprintln!(
+            "{}",
+            ffmpeg::progress_line(span.at(percent), &format!("segment:{step}"), t)
+        ),
+        None => eprintln!("{}", ffmpeg::progress_line(percent, step, t)),
+    }
+}
+
 /// A progress line between steps (no ffmpeg running).
 fn mark(percent: f64, step: &str) {
     let t = Tick {
@@ -107,7 +138,13 @@ fn mark(percent: f64, step: &str) {
         fps: 0.0,
         speed: "N/A".into(),
     };
-    eprintln!("{}", ffmpeg::progress_line(percent, step, &t));
+    emit(percent, step, &t);
+}
+
+/// Runs a command to its end: (success, the reason when it failed).
+pub(crate) fn capture_args(args: &[String]) -> anyhow::Result<(bool, String)> {
+    let ran = capture(args)?;
+    Ok((ran.ok, if ran.ok { String::new() } else { reason(&ran) }))
 }
 
 /// How the invocation's 0-100 is shared: the encode dominates; the quality pass
@@ -232,8 +269,145 @@ fn failed(rung: &Planned, reason: String, command: String) -> Failed {
     }
 }
 
+/// What the ladder encode produced (one pass, or the segments joined).
+pub(crate) struct Ladder {
+    pub encoded: Vec<(Planned, &'static str, Option<String>)>,
+    pub failures: Vec<Failed>,
+    pub ffmpeg_command: String,
+    pub ladder_error: Option<String>,
+    pub accel: gpu::Plan,
+    pub set: Settings,
+    pub ladder_ms: u64,
+    pub retries_ms: u64,
+}
+
+/// The one-decode ladder of `job` into its output directory: on the GPU plan first
+/// (falling back to the CPU), each rung retried alone when the run fails.
+pub(crate) fn encode_ladder(
+    job: &Job,
+    source: &Source,
+    rungs: &[Planned],
+    mut set: Settings,
+    mut accel: gpu::Plan,
+    encode_span: Span,
+) -> anyhow::Result<Ladder> {
+    let dir = &job.output_dir;
+    let t = Instant::now();
+    let args = ffmpeg::ladder_args(&set, rungs, dir);
+    let ffmpeg_command = ffmpeg::shell_line(&args);
+    let mut ran = encode(&args, segment_duration(job, source), encode_span, "ladder")?;
+    let mut ffmpeg_command = ffmpeg_command;
+    if !ran.ok && accel.path != gpu::Accel::Cpu {
+        // The GPU path failed (driver, memory, an unusual source): make the ladder on
+        // the CPU instead, and say so.
+        let why = reason(&ran);
+        eprintln!("transcode: the GPU run failed ({why}); encoding on the CPU");
+        for r in rungs {
+            remove(&ffmpeg::rendition_path(dir, &r.name));
+        }
+        let cpu = gpu::Plan {
+            fallback_error: Some(why),
+            found: accel.found.clone(),
+            ..gpu::Plan::cpu(job.codec, accel.gpus.clone(), "the GPU run failed")
+        };
+        accel = cpu;
+        set = set.on(&accel);
+        let args = ffmpeg::ladder_args(&set, rungs, dir);
+        ffmpeg_command = ffmpeg::shell_line(&args);
+        ran = encode(&args, segment_duration(job, source), encode_span, "ladder")?;
+    }
+    let ladder_ms = ms(t);
+    let mut retries_ms = 0;
+
+    let mut encoded: Vec<(Planned, &'static str, Option<String>)> = vec![];
+    let mut failures = vec![];
+    let mut ladder_error = None;
+    if ran.ok {
+        encoded.extend(rungs.iter().map(|r| (r.clone(), "ladder", None)));
+    } else {
+        // A failing rung must not take the others down: retry each rung alone.
+        let why = reason(&ran);
+        eprintln!("transcode: the one-decode run failed ({why}); retrying each rung alone");
+        ladder_error = Some(why);
+        for r in rungs {
+            remove(&ffmpeg::rendition_path(dir, &r.name));
+        }
+        let t = Instant::now();
+        let n = rungs.len() as f64;
+        for (i, r) in rungs.iter().enumerate() {
+            let args = ffmpeg::ladder_args(&set, std::slice::from_ref(r), dir);
+            let line = ffmpeg::shell_line(&args);
+            eprintln!("transcode: {} alone", r.name);
+            let span = Span {
+                from: encode_span.at(i as f64 / n * 100.0),
+                to: encode_span.at((i + 1) as f64 / n * 100.0),
+            };
+            let ran = encode(
+                &args,
+                segment_duration(job, source),
+                span,
+                &format!("alone:{}", r.name),
+            )?;
+            if ran.ok {
+                encoded.push((r.clone(), "alone", Some(line)));
+            } else {
+                let why = reason(&ran);
+                eprintln!("transcode: {} failed: {why}", r.name);
+                remove(&ffmpeg::rendition_path(dir, &r.name));
+                failures.push(failed(r, why, line));
+            }
+        }
+        retries_ms = ms(t);
+    }
+
+    Ok(Ladder {
+        encoded,
+        failures,
+        ffmpeg_command,
+        ladder_error,
+        accel,
+        set,
+        ladder_ms,
+        retries_ms,
+    })
+}
+
+/// How much of the source this invocation encodes (for progress).
+fn segment_duration(job: &Job, source: &Source) -> f64 {
+    match &job.segment {
+        Some(seg) => seg
+            .duration_s
+            .unwrap_or((source.duration_s - seg.start_s).max(0.0)),
+        None => source.duration_s,
+    }
+}
+
 /// The whole transcode.
 pub fn run(job: &Job) -> anyhow::Result<Manifest> {
+    if let (true, Input::Http(url)) = (fetch::downloads(&job.input), &job.input) {
+        // Once, into the scratch directory; every pass then reads the file.
+        let t = Instant::now();
+        mark(0.0, "download");
+        let scratch = std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir());
+        let fetched = fetch::download(url, &scratch)?;
+        let downloaded = fetch::Downloaded {
+            bytes: fetched.bytes,
+            ms: ms(t),
+        };
+        eprintln!(
+            "transcode: downloaded {} bytes of {url} in {} ms",
+            fetched.bytes, downloaded.ms
+        );
+        let local = Job {
+            input: Input::File(fetched.path.clone()),
+            ..job.clone()
+        };
+        return run_job(&local, Some(downloaded));
+    }
+    run_job(job, None)
+}
+
+fn run_job(job: &Job, downloaded: Option<fetch::Downloaded>) -> anyhow::Result<Manifest> {
     let start = Instant::now();
     let mut timings = Timings::default();
 
@@ -254,7 +428,7 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // The platform runs us in a scratch directory: the GPU probe writes its sample there.
     let scratch = std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir());
-    let mut accel = gpu::plan_for(job.codec, job.reproducible, &source, &scratch);
+    let accel = gpu::plan_for(job.codec, job.reproducible, &source, &scratch);
     eprintln!(
         "transcode: {} (decode {}, encoder {}): {}",
         serde_json::to_value(accel.path)
@@ -265,12 +439,7 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
         accel.encoder,
         accel.reason
     );
-    let mut set = Settings::new(job, &source, cores).on(&accel);
-
-    // One decode for every rung.
-    let t = Instant::now();
-    let args = ffmpeg::ladder_args(&set, &plan.rungs, dir);
-    let ffmpeg_command = ffmpeg::shell_line(&args);
+    let set = Settings::new(job, &source, cores).on(&accel);
     eprintln!(
         "transcode: {} rung(s) from {}x{} @ {} fps: {}",
         plan.rungs.len(),
@@ -285,64 +454,45 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
     );
     let (encode_span, quality_span) = spans(job);
     mark(0.0, "ladder");
-    let mut ran = encode(&args, source.duration_s, encode_span, "ladder")?;
-    let mut ffmpeg_command = ffmpeg_command;
-    if !ran.ok && accel.path != gpu::Accel::Cpu {
-        // The GPU path failed (driver, memory, an unusual source): make the ladder on
-        // the CPU instead, and say so.
-        let why = reason(&ran);
-        eprintln!("transcode: the GPU run failed ({why}); encoding on the CPU");
-        for r in &plan.rungs {
-            remove(&ffmpeg::rendition_path(dir, &r.name));
-        }
-        let cpu = gpu::Plan {
-            fallback_error: Some(why),
-            found: accel.found.clone(),
-            ..gpu::Plan::cpu(job.codec, accel.gpus.clone(), "the GPU run failed")
-        };
-        accel = cpu;
-        set = set.on(&accel);
-        let args = ffmpeg::ladder_args(&set, &plan.rungs, dir);
-        ffmpeg_command = ffmpeg::shell_line(&args);
-        ran = encode(&args, source.duration_s, encode_span, "ladder")?;
-    }
-    timings.ladder = ms(t);
-
-    let mut encoded: Vec<(Planned, &'static str, Option<String>)> = vec![];
-    let mut failures = vec![];
-    let mut ladder_error = None;
-    if ran.ok {
-        encoded.extend(plan.rungs.iter().map(|r| (r.clone(), "ladder", None)));
-    } else {
-        // A failing rung must not take the others down: retry each rung alone.
-        let why = reason(&ran);
-        eprintln!("transcode: the one-decode run failed ({why}); retrying each rung alone");
-        ladder_error = Some(why);
-        for r in &plan.rungs {
-            remove(&ffmpeg::rendition_path(dir, &r.name));
-        }
-        let t = Instant::now();
-        let n = plan.rungs.len() as f64;
-        for (i, r) in plan.rungs.iter().enumerate() {
-            let args = ffmpeg::ladder_args(&set, std::slice::from_ref(r), dir);
-            let line = ffmpeg::shell_line(&args);
-            eprintln!("transcode: {} alone", r.name);
-            let span = Span {
-                from: encode_span.at(i as f64 / n * 100.0),
-                to: encode_span.at((i + 1) as f64 / n * 100.0),
-            };
-            let ran = encode(&args, source.duration_s, span, &format!("alone:{}", r.name))?;
-            if ran.ok {
-                encoded.push((r.clone(), "alone", Some(line)));
-            } else {
-                let why = reason(&ran);
-                eprintln!("transcode: {} failed: {why}", r.name);
-                remove(&ffmpeg::rendition_path(dir, &r.name));
-                failures.push(failed(r, why, line));
+    let mut segmented = None;
+    let mut segmented_error = None;
+    let ladder = match parallel::decide(job, &source, parallel::Api::from_env()) {
+        Ok(api) => {
+            let t = Instant::now();
+            match parallel::run(job, &source, &plan.rungs, &api, encode_span) {
+                Ok((l, report)) => {
+                    segmented = Some(report);
+                    Ladder {
+                        ladder_ms: ms(t),
+                        ..l
+                    }
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    eprintln!(
+                        "transcode: segment-parallel encoding failed ({why}); encoding in one pass"
+                    );
+                    segmented_error = Some(why);
+                    encode_ladder(job, &source, &plan.rungs, set, accel, encode_span)?
+                }
             }
         }
-        timings.retries = ms(t);
-    }
+        Err(why) => {
+            segmented_error = why;
+            encode_ladder(job, &source, &plan.rungs, set, accel, encode_span)?
+        }
+    };
+    timings.ladder = ladder.ladder_ms;
+    timings.retries = ladder.retries_ms;
+    let Ladder {
+        encoded,
+        mut failures,
+        ffmpeg_command,
+        ladder_error,
+        accel,
+        set,
+        ..
+    } = ladder;
 
     let t = Instant::now();
     let mut delivered = vec![];
@@ -416,6 +566,9 @@ pub fn run(job: &Job) -> anyhow::Result<Manifest> {
         cover_error,
         hls,
         hls_error,
+        segmented,
+        segmented_error,
+        downloaded,
         ffmpeg_command,
         ladder_error,
         timings,

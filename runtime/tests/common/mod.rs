@@ -85,6 +85,7 @@ pub fn request(input: &[u8], limits: Limits) -> Request {
         version: 7,
         request_id: format!("req-{}", ferry_core::id::new_id()),
         progress: None,
+        env: vec![],
     }
 }
 
