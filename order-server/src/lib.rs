@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ferry_store::Store;
 
+mod batcher;
 pub mod breaker;
 mod housekeeping;
 pub mod placement;

@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     /// Callbacks still to deliver, and a wake-up when a delivery ends.
     pub(crate) callbacks: WatchCache,
     pub(crate) callback_done: Notify,
+    /// Task commits, grouped into shared transactions when they come together.
+    pub(crate) committer: crate::batcher::Batcher,
 }
 
 impl OrderService {
@@ -75,6 +77,7 @@ impl OrderService {
         let node_admin =
             WatchCache::start(store.clone(), &keys::node_admin_of(&cfg.cluster)).await?;
         let callbacks = WatchCache::start(store.clone(), &keys::callbacks_of(&cfg.cluster)).await?;
+        let committer = crate::batcher::Batcher::start(store.clone());
         let (events_tx, events) = mpsc::unbounded_channel();
         let registry_cfg = RegistryConfig {
             suspect_after: cfg.suspect_after,
@@ -100,6 +103,7 @@ impl OrderService {
                 node_admin,
                 callbacks,
                 callback_done: Notify::new(),
+                committer,
             }),
         };
         svc.register().await?;

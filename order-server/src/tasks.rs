@@ -532,8 +532,8 @@ impl OrderService {
             keys::task(&task_id),
             serde_json::to_vec(&task).unwrap_or_default(),
         ));
-        match self.inner.store.txn(txn).await {
-            Ok(r) if r.succeeded => {
+        match self.inner.committer.txn(txn).await {
+            Ok(true) => {
                 debug!(
                     task_id,
                     state = task.state.as_str(),
@@ -542,7 +542,7 @@ impl OrderService {
                 );
                 true
             }
-            Ok(_) => {
+            Ok(false) => {
                 self.inner
                     .stale_completions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
