@@ -17,6 +17,8 @@ use ferry_core::proto::{
     self, Accept, Heartbeat, NodeMessage, Outcome, Register, Reject, ServerMessage, TaskResult,
     node_message, server_message,
 };
+pub mod gpu;
+
 use ferry_core::{Error, ErrorCode, keys};
 use ferry_runtime::Runtime;
 use ferry_store::Store;
@@ -44,14 +46,26 @@ pub struct Config {
     /// operator, e.g. `FERRY_API_URL` and `FERRY_API_TOKEN` for functions that submit
     /// tasks of their own).
     pub function_env: Vec<(String, String)>,
+    /// GPU indices tasks may be given (filled by [`Config::detect`] from NVML); empty:
+    /// `0..capacity.gpus`.
+    pub gpu_indices: Vec<u32>,
 }
 
 impl Config {
-    /// Settings for this machine: its CPUs and memory, tagged `cpu`.
+    /// Settings for this machine: its CPUs and memory, tagged `cpu`, and the GPUs NVML
+    /// finds (tagged `gpu`, plus `nvenc`/`nvdec` when every GPU has one).
     pub fn detect(node_id: impl Into<String>) -> Self {
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get() as u64)
             .unwrap_or(1);
+        let (gpus, why_none) = gpu::discover();
+        match &why_none {
+            Some(why) => debug!(%why, "no GPUs"),
+            None => info!(gpus = gpus.len(), "GPUs found through NVML"),
+        }
+        let (gpu_tags, gpu_labels) = gpu::tags_and_labels(&gpus);
+        let mut tags = vec!["cpu".to_string()];
+        tags.extend(gpu_tags);
         Self {
             node_id: node_id.into(),
             cluster: "local".into(),
@@ -62,14 +76,15 @@ impl Config {
             capacity: Capacity {
                 cpu_millis: cpus * 1000,
                 memory_mb: memory_mb(),
-                gpus: 0,
+                gpus: gpus.len() as u32,
                 fpga_slots: 0,
                 slots: 64,
             },
-            tags: vec!["cpu".into()],
-            labels: BTreeMap::new(),
+            tags,
+            labels: gpu_labels.into_iter().collect(),
             reconnect_max: Duration::from_secs(2),
             function_env: vec![],
+            gpu_indices: gpus.iter().map(|g| g.index).collect(),
         }
     }
 }
@@ -107,6 +122,12 @@ impl Running {
 pub fn start(cfg: Config, store: Option<Arc<dyn Store>>, runtime: Runtime) -> Running {
     let (stop, stop_rx) = watch::channel(false);
     let node_id = cfg.node_id.clone();
+    // The GPUs tasks may be given: those discovered, or 0..n when configured by hand.
+    let gpu_indices: Vec<u32> = if cfg.gpu_indices.is_empty() {
+        (0..cfg.capacity.gpus).collect()
+    } else {
+        cfg.gpu_indices.clone()
+    };
     let agent = Agent {
         inner: Arc::new(Inner {
             cfg,
@@ -116,6 +137,8 @@ pub fn start(cfg: Config, store: Option<Arc<dyn Store>>, runtime: Runtime) -> Ru
             outbound: Mutex::new(None),
             undelivered: Mutex::new(Vec::new()),
             used: Mutex::new(Capacity::default()),
+            gpus: Mutex::new(gpu::GpuPool::new(gpu_indices)),
+            gpu_held: Mutex::new(HashMap::new()),
             preparing: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
         }),
@@ -145,6 +168,9 @@ struct Inner {
     undelivered: Mutex<Vec<NodeMessage>>,
     /// Resources reserved by accepted tasks.
     used: Mutex<Capacity>,
+    /// GPU indices not given to a task, and which task holds which.
+    gpus: Mutex<gpu::GpuPool>,
+    gpu_held: Mutex<HashMap<String, Vec<u32>>>,
     /// One preparation at a time per package.
     preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Tasks running here: whoever removes an entry (the task when it ends, or a
@@ -357,6 +383,7 @@ impl Agent {
                 if let Some((abort, need, attempt)) = entry {
                     info!(task_id = %c.task_id, "cancelling");
                     abort.abort();
+                    self.release_gpus(&c.task_id);
                     self.release(&need);
                     let result = TaskResult {
                         task_id: c.task_id,
@@ -405,6 +432,13 @@ impl Agent {
         fits
     }
 
+    /// Gives back a task's GPUs (if it held any).
+    fn release_gpus(&self, task_id: &str) {
+        if let Some(ids) = lock(&self.inner.gpu_held).remove(task_id) {
+            lock(&self.inner.gpus).give_back(&ids);
+        }
+    }
+
     fn release(&self, need: &Capacity) {
         let mut used = lock(&self.inner.used);
         used.slots = used.slots.saturating_sub(1);
@@ -421,13 +455,25 @@ impl Agent {
         let need = Capacity {
             cpu_millis: spec.cpu_millis,
             memory_mb: spec.memory_mb,
-            gpus: 0,
-            fpga_slots: 0,
+            gpus: spec.gpus,
+            fpga_slots: spec.fpga_slots,
             slots: 1,
         };
         if !self.reserve(&need) {
             self.send(reject(&a, "over capacity"));
             return;
+        }
+        if need.gpus > 0 {
+            match lock(&self.inner.gpus).take(need.gpus) {
+                Some(ids) => {
+                    lock(&self.inner.gpu_held).insert(a.task_id.clone(), ids);
+                }
+                None => {
+                    self.release(&need);
+                    self.send(reject(&a, "no free GPU"));
+                    return;
+                }
+            }
         }
         self.send(NodeMessage {
             msg: Some(node_message::Msg::Accept(Accept {
@@ -443,6 +489,7 @@ impl Agent {
             let result = agent.run_task(a, spec).await;
             if lock(&agent.inner.running).remove(&result.task_id).is_some() {
                 agent.release(&need);
+                agent.release_gpus(&result.task_id);
                 agent.send(NodeMessage {
                     msg: Some(node_message::Msg::Result(result)),
                 });
@@ -482,7 +529,17 @@ impl Agent {
             version: spec.version,
             request_id: a.request_id,
             progress: Some(progress_tx),
-            env: self.inner.cfg.function_env.clone(),
+            env: {
+                // The operator's environment, then exactly the GPUs this task holds.
+                let held = lock(&self.inner.gpu_held)
+                    .get(&a.task_id)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut env = self.inner.cfg.function_env.clone();
+                env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES" && k != "NVIDIA_VISIBLE_DEVICES");
+                env.extend(gpu::visibility_env(&held));
+                env
+            },
         };
         // Progress goes to the order-server as it comes (dropped while disconnected:
         // only the latest matters, and the result follows anyway).
