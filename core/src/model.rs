@@ -114,6 +114,17 @@ pub enum NodeState {
     Dead,
 }
 
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Attached => "attached",
+            NodeState::Suspect => "suspect",
+            NodeState::Ejected => "ejected",
+            NodeState::Dead => "dead",
+        }
+    }
+}
+
 /// What an operator set for a node (`ferry node drain|eject|restore`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use ferry_core::model::{Capacity, NodeAdmin, NodeAdminRecord, NodeRecord, NodeState};
+use ferry_core::model::{Capacity, NodeAdmin, NodeAdminRecord, NodeRecord};
 use ferry_core::proto::{BreakerStatus, NodeStatus};
 use ferry_core::{Error, ErrorCode, keys};
 use serde::Deserialize;
@@ -37,15 +37,6 @@ fn breaker(b: &BreakerStatus) -> Value {
     v
 }
 
-fn state_name(s: NodeState) -> &'static str {
-    match s {
-        NodeState::Attached => "attached",
-        NodeState::Suspect => "suspect",
-        NodeState::Ejected => "ejected",
-        NodeState::Dead => "dead",
-    }
-}
-
 /// A node as its order-server sees it now; `recorded`: its last transition in the store.
 fn live(cluster: &str, server: &str, n: &NodeStatus, recorded: Option<&NodeRecord>) -> Value {
     let since_ms = recorded.map(|r| r.since_ms).unwrap_or_default();
@@ -66,12 +57,12 @@ fn live(cluster: &str, server: &str, n: &NodeStatus, recorded: Option<&NodeRecor
         "function_breakers": n.function_breakers.iter().map(breaker).collect::<Vec<_>>(),
         "last_heartbeat_ms": n.last_heartbeat_ms,
         "since_ms": since_ms,
-        "recorded": recorded.map(|r| state_name(r.state)),
+        "recorded": recorded.map(|r| r.state.as_str()),
     })
 }
 
 fn recorded(r: &NodeRecord, admin: NodeAdmin) -> Value {
-    let state = state_name(r.state);
+    let state = r.state.as_str();
     json!({
         "id": r.id,
         "cluster": r.cluster,

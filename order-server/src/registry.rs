@@ -255,9 +255,22 @@ impl Registry {
         }
     }
 
-    /// The attachment and its record's revision, for a fenced write.
-    pub fn attach_rev(&self, id: &str) -> Option<(u64, i64)> {
-        self.lock().nodes.get(id).map(|n| (n.conn, n.attach_rev))
+    /// The attachment, its record's revision (for a fenced write) and what the record
+    /// describes: (conn, revision, capacity, tags, labels).
+    #[allow(clippy::type_complexity)]
+    pub fn attachment(
+        &self,
+        id: &str,
+    ) -> Option<(u64, i64, Capacity, Vec<String>, BTreeMap<String, String>)> {
+        self.lock().nodes.get(id).map(|n| {
+            (
+                n.conn,
+                n.attach_rev,
+                n.capacity,
+                n.tags.clone(),
+                n.labels.clone(),
+            )
+        })
     }
 
     /// Removes the node if `conn` is still its attachment; returns its attach revision.

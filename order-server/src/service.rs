@@ -334,29 +334,21 @@ impl OrderService {
     /// this attachment's last write: a node that moved to another instance since is not
     /// ours to describe.
     async fn record_state(&self, node_id: &str, state: NodeState) {
-        let Some((conn, rev)) = self.inner.nodes.attach_rev(node_id) else {
+        let Some((conn, rev, capacity, tags, labels)) = self.inner.nodes.attachment(node_id) else {
             return;
         };
         if rev <= 0 {
             return;
         }
-        let status = self
-            .inner
-            .nodes
-            .statuses()
-            .into_iter()
-            .find(|n| n.node_id == node_id);
-        let Some(record) = status.map(|n| NodeRecord {
-            id: n.node_id,
+        let record = NodeRecord {
+            id: node_id.to_string(),
             cluster: self.inner.cfg.cluster.clone(),
             state,
             order_server: self.inner.cfg.id.clone(),
-            capacity: n.capacity.as_ref().map(Capacity::from).unwrap_or_default(),
-            tags: n.tags,
-            labels: n.labels.into_iter().collect(),
+            capacity,
+            tags,
+            labels,
             since_ms: ferry_core::now_ms(),
-        }) else {
-            return;
         };
         let key = keys::node(&self.inner.cfg.cluster, node_id);
         match self

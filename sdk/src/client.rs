@@ -137,13 +137,7 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
-        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
-        self.json(
-            self.req(reqwest::Method::POST, path)
-                .header("content-type", "application/json")
-                .body(bytes),
-        )
-        .await
+        self.send_json(reqwest::Method::POST, path, body).await
     }
 
     /// `PUT path` with a JSON body → JSON.
@@ -152,9 +146,18 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<serde_json::Value, ClientError> {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Decode(e.to_string()))?;
         self.json(
-            self.req(reqwest::Method::PUT, path)
+            self.req(method, path)
                 .header("content-type", "application/json")
                 .body(bytes),
         )
