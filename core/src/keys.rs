@@ -169,6 +169,13 @@ pub fn rerun(id: &str) -> String {
     format!("{RERUNS}{id}")
 }
 
+/// `QueueRecord` per queue (a tenant's or business line's limits on its async tasks),
+/// keyed by the queue's internal name (`{tenant}.{name}`, like a function's).
+pub const QUEUES: &str = "/ferry/queues/";
+pub fn queue_def(internal: &str) -> String {
+    format!("{QUEUES}{internal}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,3 +314,62 @@ pub struct RerunRecord {
     pub tasks: Vec<(String, String)>,
     pub created_ms: u64,
 }
+
+/// The queue every task without one goes to.
+pub const DEFAULT_QUEUE: &str = "default";
+/// The queue batch re-runs go to unless they name another.
+pub const RERUN_QUEUE: &str = "reruns";
+/// How many tasks of a `reruns` queue run at once in a cluster until an operator
+/// configures that queue: re-runs must never crowd out online work.
+pub const RERUN_QUEUE_MRT: u32 = 4;
+
+/// A queue (`/ferry/queues/{internal name}`): the limits a tenant's or business line's
+/// async tasks share. Tasks name a queue when submitted (else `default`); the gateway
+/// holds submissions to `qps`, order-servers hold running tasks to `mrt` when they
+/// claim, and `priority` is the class of tasks that do not ask for one. A queue with no
+/// record is unlimited (`reruns` excepted, see [`QueueRecord::implicit`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueRecord {
+    /// Internal name: `{tenant}.{name}` for a tenant's queue, `name` for the operator's.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Submissions per second (token bucket, per gateway replica like every QPS limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Max running tasks of the queue in one cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mrt: Option<u32>,
+    /// The class of tasks submitted without one.
+    #[serde(default)]
+    pub priority: crate::task::Priority,
+    pub updated_ms: u64,
+}
+
+impl QueueRecord {
+    /// What a queue without a record means: no limits, normal class; except the
+    /// `reruns` queues, which are batch class with an MRT of [`RERUN_QUEUE_MRT`].
+    pub fn implicit(internal: &str) -> Self {
+        let short = internal.rsplit('.').next().unwrap_or(internal);
+        let tenant = internal.rsplit_once('.').map(|(t, _)| t.to_string());
+        let rerun = short == RERUN_QUEUE;
+        Self {
+            name: internal.to_string(),
+            tenant,
+            description: None,
+            qps: None,
+            burst: None,
+            mrt: rerun.then_some(RERUN_QUEUE_MRT),
+            priority: if rerun {
+                crate::task::Priority::Batch
+            } else {
+                crate::task::Priority::Normal
+            },
+            updated_ms: 0,
+        }
+    }
+}

@@ -177,6 +177,10 @@ pub struct TaskRecord {
     pub request_id: String,
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The queue's internal name (`{tenant}.{queue}`, or the queue's own name for the
+    /// operator's); empty for tasks from before queues (the default queue).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub queue: String,
 }
 
 /// The shape of a task's callback request.
@@ -218,11 +222,15 @@ pub struct CallbackRecord {
 }
 
 /// The value of a queue key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueEntry {
     pub priority: Priority,
     pub not_before_ms: u64,
     pub enqueued_ms: u64,
+    /// The task's queue (its internal name), so claims can hold each queue to its MRT
+    /// without reading the task.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub queue: String,
 }
 
 impl TaskRecord {
@@ -261,6 +269,7 @@ impl TaskRecord {
             callback: None,
             request_id: String::new(),
             cancel_requested: false,
+            queue: String::new(),
         }
     }
 
@@ -269,6 +278,7 @@ impl TaskRecord {
             priority: self.priority,
             not_before_ms: self.not_before_ms,
             enqueued_ms: self.updated_ms,
+            queue: self.queue.clone(),
         }
     }
 }
