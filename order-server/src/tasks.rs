@@ -302,7 +302,7 @@ impl OrderService {
                 .then(Op::delete(&qkv.key))
                 .then(Op::put(
                     keys::running(&self.inner.cfg.cluster, &tag, &t.id),
-                    Vec::new(),
+                    ferry_core::task::running_mark(t.priority, &t.queue),
                 ));
             records.push(next);
         }
@@ -807,16 +807,19 @@ mod tests {
             priority: Priority::Critical,
             not_before_ms: 0,
             enqueued_ms: 100_000,
+            queue: String::new(),
         };
         let fresh_batch = QueueEntry {
             priority: Priority::Batch,
             not_before_ms: 0,
             enqueued_ms: 100_000,
+            queue: String::new(),
         };
         let old_batch = QueueEntry {
             priority: Priority::Batch,
             not_before_ms: 0,
             enqueued_ms: 100_000 - 2 * AGING_MS - 1,
+            queue: String::new(),
         };
         assert!(queue_rank(&critical) < queue_rank(&fresh_batch));
         assert!(queue_rank(&old_batch) < queue_rank(&critical));
