@@ -136,6 +136,7 @@ pub async fn invoke(a: InvokeArgs, env: &Env) -> anyhow::Result<ExitCode> {
             idempotency_key: a.idempotency_key.clone(),
             callback_url: None,
             content_type: a.raw.then(|| "application/octet-stream".to_string()),
+            queue: a.queue.clone(),
         };
         let id = client
             .submit(&a.name, input, &opts)

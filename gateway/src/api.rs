@@ -55,6 +55,13 @@ fn native_routes() -> Routes {
         ("/v1/tasks", get(crate::tasks::list)),
         ("/v1/tasks/{id}", get(crate::tasks::get)),
         ("/v1/tasks/{id}/cancel", post(crate::tasks::cancel)),
+        ("/v1/queues", get(crate::queues::list)),
+        (
+            "/v1/queues/{name}",
+            get(crate::queues::get)
+                .put(crate::queues::set)
+                .delete(crate::queues::delete),
+        ),
         ("/v1/reruns", post(crate::reruns::create)),
         ("/v1/reruns/{id}", get(crate::reruns::get)),
         ("/v1/packages/{sha256}", get(get_package)),
@@ -244,6 +251,24 @@ async fn readyz(State(st): St) -> Response {
 }
 
 async fn metrics(State(st): St) -> Response {
+    // Queue depth and running tasks, read now (a scrape every few seconds at most).
+    match crate::queues::counts(st.store.as_ref()).await {
+        Ok(counts) => {
+            let g = &st.metrics.queue_tasks;
+            g.reset();
+            for (queue, c) in &counts {
+                let queue = if queue.is_empty() { "default" } else { queue };
+                for p in ferry_core::task::Priority::ALL {
+                    let i = p as usize;
+                    g.with_label_values(&[queue, p.as_str(), "queued"])
+                        .set(c.queued[i] as i64);
+                    g.with_label_values(&[queue, p.as_str(), "running"])
+                        .set(c.running[i] as i64);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading queue depths for /metrics failed"),
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(),

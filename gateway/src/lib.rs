@@ -27,6 +27,7 @@ mod metrics;
 mod nodes;
 pub mod openapi;
 mod openfaas;
+mod queues;
 mod reruns;
 mod routing;
 mod sigv4;
@@ -101,6 +102,7 @@ pub(crate) struct AppState {
     pub catalog: Arc<catalog::Catalog>,
     pub directory: Arc<tenancy::Directory>,
     pub limiter: Arc<limits::Limiter>,
+    pub queues: queues::Queues,
     pub router: routing::Router,
     pub blobs: blobs::Blobs,
     pub metrics: metrics::Metrics,
@@ -159,6 +161,7 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         catalog,
         directory: tenancy::Directory::start(store.clone()).await?,
         limiter: Arc::default(),
+        queues: queues::Queues::start(store.clone()).await?,
         router: routing::Router::new(&cfg.token).map_err(|e| GatewayError::BadToken(e.message))?,
         metrics: metrics::Metrics::new(),
     });

@@ -19,6 +19,7 @@ pub enum Reason {
     TenantQps,
     FunctionQps,
     FunctionConcurrency,
+    QueueQps,
 }
 
 impl Reason {
@@ -27,6 +28,7 @@ impl Reason {
             Reason::TenantQps => "tenant_qps",
             Reason::FunctionQps => "function_qps",
             Reason::FunctionConcurrency => "function_concurrency",
+            Reason::QueueQps => "queue_qps",
         }
     }
 }
@@ -155,6 +157,21 @@ impl Limiter {
             }
         }
         Ok(())
+    }
+
+    /// Admits one submission to queue `q` (every caller, the admin token too: the
+    /// queue's rate is the queue's, whoever fills it).
+    pub fn admit_queue(&self, q: &ferry_core::model::QueueRecord) -> Result<(), Throttled> {
+        let Some(rate) = q.qps else {
+            return Ok(());
+        };
+        let key = format!("q/{}", q.name);
+        self.take(&key, rate, bucket_size(rate, q.burst), Instant::now())
+            .map_err(|retry_after| Throttled {
+                reason: Reason::QueueQps,
+                retry_after,
+                message: format!("over this queue's limit of {rate} submissions/s"),
+            })
     }
 
     /// Counts a synchronous invocation in flight until the guard drops; refuses one
