@@ -637,7 +637,15 @@ async fn invoke(
     let qualified = q.version.map_or(qualified, Qualifier::Version);
     let log_tail = headers.get("x-ferry-log").is_some_and(|v| v == "tail");
     invoke_sync(
-        &st, &who, &rid.0, shown_name, &qualified, &headers, body, log_tail,
+        &st,
+        &who,
+        &rid.0,
+        shown_name,
+        &qualified,
+        &headers,
+        body,
+        log_tail,
+        vec![],
     )
     .await
 }
@@ -656,6 +664,7 @@ pub(crate) async fn invoke_sync(
     headers: &HeaderMap,
     body: Body,
     log_tail: bool,
+    env: Vec<ferry_core::proto::EnvVar>,
 ) -> ApiResult<Response> {
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
@@ -679,6 +688,7 @@ pub(crate) async fn invoke_sync(
         alias: alias.as_deref(),
         request_id,
         log_tail,
+        env: &env,
     };
     let Some(key) = crate::idempotency::key_from(headers)? else {
         return Ok(call.run(input).await);
@@ -710,6 +720,7 @@ struct Call<'a> {
     alias: Option<&'a str>,
     request_id: &'a str,
     log_tail: bool,
+    env: &'a [ferry_core::proto::EnvVar],
 }
 
 impl Call<'_> {
@@ -723,10 +734,17 @@ impl Call<'_> {
             alias,
             request_id,
             log_tail,
+            env,
         } = *self;
         let reply = st
             .router
-            .invoke(version.spec(), input, request_id, st.cfg.invoke_grace)
+            .invoke(
+                version.spec(),
+                input,
+                request_id,
+                st.cfg.invoke_grace,
+                env.to_vec(),
+            )
             .await;
         let ver = version.version.to_string();
         let reply = match reply {

@@ -265,6 +265,7 @@ pub async fn invoke(
                 &headers,
                 Body::from(body),
                 tail,
+                vec![],
             )
             .await
             {

@@ -538,6 +538,7 @@ impl Agent {
                 let mut env = self.inner.cfg.function_env.clone();
                 env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES" && k != "NVIDIA_VISIBLE_DEVICES");
                 env.extend(gpu::visibility_env(&held));
+                env.extend(request_env(a.env));
                 env
             },
         };
@@ -731,5 +732,51 @@ fn reject(a: &proto::Assignment, reason: &str) -> NodeMessage {
             attempt: a.attempt,
             reason: reason.into(),
         })),
+    }
+}
+
+/// The invocation's own environment (an OpenFaaS request's `Http_…` variables): only
+/// names that start with `Http_` and are plain identifiers, so a caller can never set
+/// `LD_PRELOAD`, `PATH` or the operator's variables.
+fn request_env(env: Vec<proto::EnvVar>) -> impl Iterator<Item = (String, String)> {
+    env.into_iter()
+        .filter(|v| {
+            v.name.starts_with("Http_")
+                && v.name.len() <= 128
+                && v.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !v.value.contains('\0')
+        })
+        .map(|v| (v.name, v.value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invocation_sets_only_http_variables() {
+        let var = |n: &str, v: &str| proto::EnvVar {
+            name: n.into(),
+            value: v.into(),
+        };
+        let kept: Vec<_> = request_env(vec![
+            var("Http_Method", "PUT"),
+            var("Http_X_Trace_Id", "a b"),
+            var("LD_PRELOAD", "/tmp/evil.so"),
+            var("PATH", "/tmp"),
+            var("Http_Bad=Name", "x"),
+            var("Http_Nul", "a\0b"),
+            var("http_method", "lowercase is not ours"),
+        ])
+        .collect();
+        assert_eq!(
+            kept,
+            [
+                ("Http_Method".to_string(), "PUT".to_string()),
+                ("Http_X_Trace_Id".to_string(), "a b".to_string())
+            ]
+        );
     }
 }

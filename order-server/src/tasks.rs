@@ -360,6 +360,7 @@ impl OrderService {
                 function: Some(task.version.spec()),
                 input: task.input.clone(),
                 request_id: task.request_id.clone(),
+                env: vec![],
             })),
         };
         let svc = self.clone();
