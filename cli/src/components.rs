@@ -45,6 +45,12 @@ pub async fn gateway(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     {
         cfg.idempotency_window = Duration::from_secs(secs);
     }
+    if let Some(secs) = env
+        .parse::<u64>("FERRY_RERUN_RETENTION_S")
+        .context("read FERRY_RERUN_RETENTION_S")?
+    {
+        cfg.rerun_retention = Duration::from_secs(secs);
+    }
     if let Some(allow) = env
         .parse::<bool>("FERRY_ALLOW_UNSIGNED_COMPAT")
         .context("read FERRY_ALLOW_UNSIGNED_COMPAT")?

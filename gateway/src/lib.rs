@@ -31,6 +31,7 @@ mod queues;
 mod reruns;
 mod routing;
 mod sigv4;
+pub mod sweep;
 mod tasks;
 mod tenancy;
 
@@ -55,8 +56,11 @@ pub struct Config {
     pub max_unpacked: u64,
     /// Time allowed on top of a function's own timeout (queueing, fetch, compile).
     pub invoke_grace: Duration,
-    /// How long an `Idempotency-Key` answers with its first call's task or result.
+    /// How long an `Idempotency-Key` answers with its first call's task or result;
+    /// entries older than this are removed.
     pub idempotency_window: Duration,
+    /// How long a batch re-run's record is kept (its tasks follow task retention).
+    pub rerun_retention: Duration,
     /// Accept unsigned requests on the compatibility paths (Lambda, OpenFaaS), acting
     /// with the admin scope. Only for a gateway no untrusted caller can reach.
     pub allow_unsigned_compat: bool,
@@ -75,6 +79,7 @@ impl Default for Config {
             max_unpacked: 1 << 30,
             invoke_grace: Duration::from_secs(30),
             idempotency_window: Duration::from_secs(24 * 3600),
+            rerun_retention: Duration::from_secs(7 * 24 * 3600),
             allow_unsigned_compat: false,
         }
     }
@@ -166,6 +171,16 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         metrics: metrics::Metrics::new(),
     });
     let mut tasks = vec![];
+
+    // Forget idempotency keys and re-runs past their windows.
+    let every = (cfg.idempotency_window.min(cfg.rerun_retention) / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(600));
+    tasks.push(tokio::spawn(sweep::run(
+        store.clone(),
+        cfg.idempotency_window,
+        cfg.rerun_retention,
+        every,
+    )));
 
     // Follow the routing table.
     let routing = WatchCache::start(store.clone(), keys::ROUTING).await?;
