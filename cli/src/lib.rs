@@ -17,6 +17,7 @@ pub mod bench_schedule;
 pub mod client;
 pub mod components;
 pub mod nodes;
+pub mod ops;
 pub mod queues;
 pub mod rerun;
 pub mod settings;
@@ -120,6 +121,10 @@ pub struct ServeArgs {
     /// Listen address [env: FERRY_LISTEN]
     #[arg(long)]
     pub listen: Option<String>,
+    /// Order-server, node agent, cluster-scheduler: serve /healthz, /readyz and /metrics
+    /// here [env: FERRY_OPS_LISTEN] [default: off]
+    #[arg(long)]
+    pub ops_listen: Option<String>,
     /// Token (gateway: the admin token; node agent: to fetch packages) [env: FERRY_TOKEN]
     #[arg(long)]
     pub token: Option<String>,

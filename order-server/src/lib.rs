@@ -15,6 +15,7 @@ use ferry_store::Store;
 mod batcher;
 pub mod breaker;
 mod housekeeping;
+mod metrics;
 pub mod placement;
 mod registry;
 mod service;
@@ -107,6 +108,12 @@ pub struct Running {
 }
 
 impl Running {
+    /// Its metrics (`ferry_order_server_…`, labelled with the instance id), read from
+    /// its live state when gathered.
+    pub fn registry(&self) -> prometheus::Registry {
+        metrics::registry(&self.service)
+    }
+
     /// Detaches every node, withdraws the registration and stops serving.
     pub async fn shutdown(self) {
         self.service.close().await;
