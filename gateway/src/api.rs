@@ -166,11 +166,8 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
         .unwrap_or_else(ferry_core::id::new_id);
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
     let method = req.method().clone();
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).await;
@@ -189,14 +186,13 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    let code = resp.status().as_u16().to_string();
     st.metrics
         .requests
-        .with_label_values(&[&route, &code])
+        .with_label_values(&[route, resp.status().as_str()])
         .inc();
     st.metrics
         .latency
-        .with_label_values(&[&route])
+        .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     resp
 }
@@ -208,6 +204,16 @@ async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
         return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
             .into_response();
     };
+    // An invocation or a submission is held to the tenant's rate here, first thing.
+    let invocation = req.extensions().get::<MatchedPath>().is_some_and(|p| {
+        matches!(
+            p.as_str(),
+            "/v1/functions/{name}/invoke" | "/v1/functions/{name}/tasks"
+        )
+    });
+    if invocation && let Err(t) = st.limiter.admit_tenant(&principal) {
+        return throttled(&st, t);
+    }
     req.extensions_mut().insert(principal);
     next.run(req).await
 }
@@ -669,7 +675,7 @@ pub(crate) async fn invoke_sync(
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
     let (version, alias) = st.catalog.resolve(fname, qualified).await?;
-    if let Err(t) = st.limiter.admit(who, fname) {
+    if let Err(t) = st.limiter.admit_function(who, fname) {
         return Ok(throttled(st, t));
     }
     let _in_flight = match st.limiter.enter(who, fname) {

@@ -119,6 +119,15 @@ fn request_env(
     env
 }
 
+/// A caller over its tenant's rate, as OpenFaaS answers it.
+fn refused(st: &AppState, t: crate::limits::Throttled) -> Response {
+    let r = crate::api::throttled(st, t);
+    match r.extensions().get::<Error>() {
+        Some(e) => error_text(e),
+        None => r,
+    }
+}
+
 /// `ANY /function/{name}`.
 pub async fn sync(
     State(st): State<Arc<AppState>>,
@@ -140,6 +149,9 @@ pub async fn sync(
         .find(|(k, _)| k == "path")
         .map(|(_, v)| v.as_str())
         .unwrap_or_default();
+    if let Err(t) = st.limiter.admit_tenant(&who) {
+        return refused(&st, t);
+    }
     let env = request_env(&parts.method, sub_path, parts.uri.query(), &parts.headers);
     let (shown, qualified) = split_qualifier(&name);
     let started = std::time::Instant::now();
@@ -206,6 +218,9 @@ pub async fn submit(
     let Some(who) = who(&st, &parts.headers) else {
         return unauthorized();
     };
+    if let Err(t) = st.limiter.admit_tenant(&who) {
+        return refused(&st, t);
+    }
     let mut headers = parts.headers.clone();
     if let Some(url) = parts.headers.get("x-callback-url") {
         headers.insert("x-ferry-callback-url", url.clone());

@@ -151,7 +151,7 @@ fn admin_name(name: &str) -> ApiResult<(Option<String>, String)> {
     if !ferry_core::id::valid_name(short) || tenant.is_some_and(|t| !ferry_core::id::valid_name(t))
     {
         return Err(bad(format!(
-            "queue name {name:?}: expected NAME or TENANT.NAME (letters, digits, - and _)"
+            "queue name {name:?}: expected NAME or TENANT.NAME (lowercase letters, digits and -)"
         )));
     }
     Ok((tenant.map(str::to_string), name.to_string()))

@@ -141,7 +141,7 @@ pub(crate) async fn submit_task(
     let queue = st
         .queues
         .resolve(who, header_str(headers, "x-ferry-queue"))?;
-    if let Err(t) = st.limiter.admit(who, fname) {
+    if let Err(t) = st.limiter.admit_function(who, fname) {
         return Ok(crate::api::throttled(st, t));
     }
     if let Err(t) = st.limiter.admit_queue(&queue) {
