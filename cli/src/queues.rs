@@ -9,7 +9,7 @@ use ferry_core::config::Env;
 use serde_json::{Value, json};
 
 use crate::ClientArgs;
-use crate::client::connect;
+use crate::client::{cell, connect};
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum QueueCommand {
@@ -49,14 +49,6 @@ pub struct SetQueueArgs {
     pub client: ClientArgs,
 }
 
-fn txt(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
 fn header() -> String {
     format!(
         "{:<28} {:<9} {:>8} {:>6} {:>8} {:>8}",
@@ -66,18 +58,18 @@ fn header() -> String {
 
 fn line(q: &Value) -> String {
     let name = if q["configured"] == json!(false) {
-        format!("{} (implicit)", txt(&q["name"]))
+        format!("{} (implicit)", cell(&q["name"]))
     } else {
-        txt(&q["name"])
+        cell(&q["name"])
     };
     format!(
         "{:<28} {:<9} {:>8} {:>6} {:>8} {:>8}",
         name,
-        txt(&q["priority"]),
-        txt(&q["qps"]),
-        txt(&q["mrt"]),
-        txt(&q["queued"]),
-        txt(&q["running"]),
+        cell(&q["priority"]),
+        cell(&q["qps"]),
+        cell(&q["mrt"]),
+        cell(&q["queued"]),
+        cell(&q["running"]),
     )
 }
 
@@ -128,7 +120,7 @@ pub async fn admin(cmd: QueueCommand, env: &Env) -> anyhow::Result<ExitCode> {
     if client.json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else if v.get("deleted").is_some() {
-        println!("deleted {}", txt(&v["deleted"]));
+        println!("deleted {}", cell(&v["deleted"]));
     } else {
         println!("{}\n{}", header(), line(&v));
     }
