@@ -13,7 +13,8 @@
 //!
 //! The segments are written under the output directory (`.ferry-segments-<id>/`),
 //! which must therefore be storage the nodes share (as any `file://` output is for
-//! the caller), and removed at the end.
+//! the caller), and removed at the end. An `s3://` output is staged in this node's
+//! scratch, which other nodes cannot reach: such jobs encode in one pass.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -76,6 +77,11 @@ pub fn decide(job: &Job, source: &Source, api: Option<Api>) -> Result<Api, Optio
             "reproducible mode encodes in one pass (segment boundaries change the bytes)".into(),
         ));
     }
+    if matches!(job.output, crate::request::Output::S3(_)) {
+        return Err(Some(
+            "the output is an object store: segments need a directory the nodes share, so this node encodes in one pass".into(),
+        ));
+    }
     api.ok_or_else(|| {
         Some("FERRY_API_URL is not set: the node gives this function no API address".into())
     })
@@ -119,6 +125,7 @@ fn child_input(job: &Job) -> String {
     match &job.input {
         crate::request::Input::File(p) => crate::manifest::file_url(p),
         crate::request::Input::Http(u) => u.clone(),
+        crate::request::Input::S3(u) => u.to_string(),
     }
 }
 
