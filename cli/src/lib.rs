@@ -101,6 +101,17 @@ pub struct UpArgs {
     /// Node agents to run [env: FERRY_NODES] [default: 2]
     #[arg(long)]
     pub nodes: Option<u32>,
+    /// Node agents: a variable given to every native function, KEY=VALUE (repeatable;
+    /// adds to the config file's [function_env])
+    #[arg(long = "function-env", value_name = "KEY=VALUE")]
+    pub function_env: Vec<String>,
+    /// Node agents: a variable copied from this process's environment into every
+    /// native function's, e.g. AWS_SECRET_ACCESS_KEY (repeatable) [env: FERRY_FUNCTION_ENV_PASS, comma-separated]
+    #[arg(long = "function-env-pass", value_name = "NAME")]
+    pub function_env_pass: Vec<String>,
+    /// Node agents: native function limits: auto, off (rlimits only) or a delegated cgroup v2 directory [env: FERRY_CGROUP] [default: auto]
+    #[arg(long)]
+    pub cgroup: Option<String>,
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -147,6 +158,17 @@ pub struct ServeArgs {
     /// Node agent: extra tags (repeatable), e.g. gpu
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Node agent: a variable given to every native function, KEY=VALUE (repeatable;
+    /// adds to the config file's [function_env])
+    #[arg(long = "function-env", value_name = "KEY=VALUE")]
+    pub function_env: Vec<String>,
+    /// Node agent: a variable copied from this process's environment into every
+    /// native function's, e.g. AWS_SECRET_ACCESS_KEY (repeatable) [env: FERRY_FUNCTION_ENV_PASS, comma-separated]
+    #[arg(long = "function-env-pass", value_name = "NAME")]
+    pub function_env_pass: Vec<String>,
+    /// Node agent: native function limits: auto, off (rlimits only) or a delegated cgroup v2 directory [env: FERRY_CGROUP] [default: auto]
+    #[arg(long)]
+    pub cgroup: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
