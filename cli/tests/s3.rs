@@ -95,7 +95,7 @@ impl Moto {
 }
 
 /// The test's own S3 client: `mb BUCKET`, `put BUCKET KEY FILE`, `ls BUCKET PREFIX`
-/// (one key a line), `get BUCKET KEY FILE`.
+/// (one key a line), `get BUCKET KEY FILE`, `type BUCKET KEY` (its Content-Type).
 const BOTO: &str = r#"
 import sys, boto3
 s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1")
@@ -110,6 +110,8 @@ elif op == "ls":
             print(o["Key"])
 elif op == "get":
     s3.download_file(bucket, sys.argv[4], sys.argv[5])
+elif op == "type":
+    print(s3.head_object(Bucket=bucket, Key=sys.argv[4])["ContentType"])
 "#;
 
 fn package() -> Vec<u8> {
@@ -306,6 +308,15 @@ async fn an_s3_input_is_transcoded_to_an_s3_prefix() {
         m["output_upload"]["files"].as_u64().unwrap() + 1,
         "the upload counts every file but the manifest: {keys:?}"
     );
+
+    for (key, mime) in [
+        ("jobs/1/360p.mp4", "video/mp4"),
+        ("jobs/1/hls/master.m3u8", "application/vnd.apple.mpegurl"),
+        ("jobs/1/cover.jpg", "image/jpeg"),
+        ("jobs/1/manifest.json", "application/json"),
+    ] {
+        assert_eq!(moto.boto(&["type", "media-out", key]).trim(), mime, "{key}");
+    }
 
     // The stored manifest is the answer, and a downloaded rendition is what it says.
     let stored = dir.path().join("manifest.json");

@@ -204,12 +204,7 @@ impl Config {
             .with_region(&self.region)
             .with_allow_http(self.allow_http)
             .with_virtual_hosted_style_request(self.virtual_hosted)
-            .with_client_options(
-                ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(10))
-                    .with_timeout(Duration::from_secs(300))
-                    .with_allow_http(self.allow_http),
-            )
+            .with_client_options(client_options(self.allow_http))
             // Bounded: a dead endpoint fails the invocation in about half a minute.
             .with_retry(RetryConfig {
                 max_retries: 3,
@@ -274,6 +269,26 @@ impl Config {
             _ => format!("cannot {what} {url}: {text}"),
         }
     }
+}
+
+/// Content types by file suffix, so that players and CDNs can serve the objects as
+/// they are (HLS from the bucket, the cover as an image).
+const CONTENT_TYPES: &[(&str, &str)] = &[
+    ("mp4", "video/mp4"),
+    ("m4s", "video/iso.segment"),
+    ("m3u8", "application/vnd.apple.mpegurl"),
+    ("jpg", "image/jpeg"),
+    ("json", "application/json"),
+];
+
+fn client_options(allow_http: bool) -> ClientOptions {
+    CONTENT_TYPES.iter().fold(
+        ClientOptions::new()
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_timeout(Duration::from_secs(300))
+            .with_allow_http(allow_http),
+        |o, (suffix, mime)| o.with_content_type_for_suffix(*suffix, *mime),
+    )
 }
 
 /// Makes an object_store error one line of at most 300 characters.
