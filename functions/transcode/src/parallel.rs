@@ -583,6 +583,18 @@ mod tests {
             .unwrap_err()
             .unwrap();
         assert!(why.contains("reproducible"));
+        // An object-store output is staged in this node's scratch: one pass.
+        let s3 = crate::request::parse(
+            br#"{"input":"s3://media-in/a.mp4","output":"s3://media-out/jobs/1/"}"#,
+        )
+        .unwrap();
+        let why = decide(&s3, &source(120.0), api()).unwrap_err().unwrap();
+        assert!(why.contains("object store"), "{why}");
+        // An s3:// input with a shared directory output still splits.
+        let s3_in =
+            crate::request::parse(br#"{"input":"s3://media-in/a.mp4","output":"file:///out/"}"#)
+                .unwrap();
+        assert!(decide(&s3_in, &source(120.0), api()).is_ok());
         // A lowered threshold, a source shorter than a segment.
         let j = job(r#","segment_threshold_s":5,"segment_s":10"#);
         assert!(decide(&j, &source(8.0), api()).unwrap_err().is_some());
