@@ -264,6 +264,12 @@ pub struct RunArgs {
     /// Runtime cache folder [default: ./.ferry/run-cache]
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// A variable for a native function, KEY=VALUE (repeatable), as a node's function_env gives it
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub function_env: Vec<String>,
+    /// A variable copied from this process's environment into a native function's (repeatable)
+    #[arg(long = "env-pass", value_name = "NAME")]
+    pub function_env_pass: Vec<String>,
 }
 
 /// Runs a parsed command line; prints errors as one line and maps them to exit codes.
@@ -344,7 +350,7 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Nodes(a) => nodes::list(a, &env).await,
         Command::Node(c) => nodes::admin(c, &env).await,
         Command::Clusters(a) => client::clusters(a, &env).await,
-        Command::Run(a) => client::run_local(a).await,
+        Command::Run(a) => client::run_local(a, &env).await,
         Command::Bench(b) => bench::run(b, &env).await,
         Command::Alias(c) => alias::run(c, &env).await,
         Command::Rerun(c) => rerun::run(c, &env).await,

@@ -94,7 +94,7 @@ fn node_settings(a: NodeFlags<'_>, env: &Env, f: &FileConfig) -> anyhow::Result<
     for kv in a.function_env {
         let (k, v) = kv
             .split_once('=')
-            .with_context(|| format!("--function-env {kv:?}: expected KEY=VALUE"))?;
+            .with_context(|| format!("function_env {kv:?}: expected KEY=VALUE"))?;
         function_env.insert(k.to_string(), v.to_string());
     }
     let function_env_pass = if !a.function_env_pass.is_empty() {
@@ -147,6 +147,21 @@ pub fn function_env(s: &Settings, env: &Env) -> anyhow::Result<Vec<(String, Stri
         out.push((k.clone(), v.to_string()));
     }
     Ok(out)
+}
+
+/// `ferry run`'s variables for the function: `--env` values, then `--env-pass` names
+/// with their values from `env` (checked like a node's `function_env`).
+pub fn run_env(a: &crate::RunArgs, env: &Env) -> anyhow::Result<Vec<(String, String)>> {
+    let s = node_settings(
+        NodeFlags {
+            function_env: &a.function_env,
+            function_env_pass: &a.function_env_pass,
+            cgroup: None,
+        },
+        &Env::default(),
+        &FileConfig::default(),
+    )?;
+    function_env(&s, env)
 }
 
 /// The runtime's cgroup setting from `auto`, `off` or a directory.

@@ -324,3 +324,44 @@ fn a_node_agent_refuses_settings_it_cannot_honour() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// `ferry run` gives a native function the variables a node's function_env would:
+/// `--env KEY=VALUE` and `--env-pass NAME` (from its own environment).
+#[test]
+fn ferry_run_passes_the_function_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("fn");
+    std::fs::create_dir_all(&f).unwrap();
+    std::fs::write(
+        f.join("ferry.toml"),
+        "name = \"envtest\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n",
+    )
+    .unwrap();
+    std::fs::write(f.join("run.sh"), "#!/bin/sh\necho \"$GREETING $PASSED\"\n").unwrap();
+    std::fs::set_permissions(f.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = ferry()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "fn",
+            "--env",
+            "GREETING=hello",
+            "--env-pass",
+            "PASSED",
+        ])
+        .env("PASSED", "world")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello world");
+    let out = ferry()
+        .current_dir(dir.path())
+        .args(["run", "fn", "--env-pass", "FERRY_TEST_NOT_SET"])
+        .env_remove("FERRY_TEST_NOT_SET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FERRY_TEST_NOT_SET"));
+}
