@@ -266,6 +266,10 @@ impl Config {
                     "cannot {what} {url}: the S3 credentials were refused (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY): {text}"
                 )
             }
+            _ if text.contains("error sending request") => format!(
+                "cannot {what} {url}: the object store at {} did not answer: {text}",
+                self.endpoint.as_deref().unwrap_or("AWS")
+            ),
             _ => format!("cannot {what} {url}: {text}"),
         }
     }

@@ -152,3 +152,32 @@ fn a_missing_bucket_is_one_line_without_the_secret() {
         "no partial file"
     );
 }
+
+#[test]
+fn an_unreachable_store_is_named_and_given_up_on_quickly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let vars = [
+        ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}")),
+        ("AWS_ACCESS_KEY_ID", "k".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),
+    ];
+    let cfg = Config::from_vars(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()));
+    let started = Instant::now();
+    let dest = s3::parse_prefix("s3://media-out/x/").unwrap();
+    let e = format!("{:#}", s3::check_output(&dest, &cfg).unwrap_err());
+    assert!(
+        e.contains(&format!(
+            "the object store at http://127.0.0.1:{port} did not answer"
+        )),
+        "{e}"
+    );
+    assert!(!e.contains(SECRET));
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "bounded retries"
+    );
+}
