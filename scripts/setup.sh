@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Ferry needs on a fresh Debian machine: protoc (etcd-client's and our
 # proto build), etcd (the distributed store the tests start), ffmpeg (the transcode
-# functions), the wasm32-wasip2 target (WebAssembly functions), and boto3 and
-# moto[server] (the Lambda and S3 tests). Skips what is there.
+# functions), openssl (the https test's throw-away CA), the wasm32-wasip2 target
+# (WebAssembly functions), and boto3 and moto[server] (the Lambda and S3 tests).
+# Skips what is there.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,7 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v ffmpeg >/dev/null || need+=(ffmpeg)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
+command -v openssl >/dev/null || need+=(openssl)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

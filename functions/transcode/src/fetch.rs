@@ -57,6 +57,22 @@ pub fn download(url: &str, dir: &Path) -> anyhow::Result<Fetched> {
     Ok(fetched)
 }
 
+/// An error and its causes (reqwest's own message leaves out why: refused, a
+/// certificate, a timeout), each once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 async fn fetch(url: &str, path: &Path) -> anyhow::Result<u64> {
     let client = reqwest::Client::builder()
         .connect_timeout(CONNECT)
@@ -67,7 +83,7 @@ async fn fetch(url: &str, path: &Path) -> anyhow::Result<u64> {
         .get(url)
         .send()
         .await
-        .map_err(|e| anyhow!("cannot read the input {url}: {e}"))?;
+        .map_err(|e| anyhow!("cannot read the input {url}: {}", chain(&e)))?;
     if !resp.status().is_success() {
         bail!("cannot read the input {url}: HTTP {}", resp.status());
     }
@@ -76,11 +92,12 @@ async fn fetch(url: &str, path: &Path) -> anyhow::Result<u64> {
     let mut file =
         std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     let mut n = 0u64;
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| anyhow!("downloading the input {url} broke off after {n} bytes: {e}"))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        anyhow!(
+            "downloading the input {url} broke off after {n} bytes: {}",
+            chain(&e)
+        )
+    })? {
         file.write_all(&chunk)
             .with_context(|| format!("write {}", path.display()))?;
         n += chunk.len() as u64;
