@@ -117,6 +117,8 @@ async fn invoke(b: InvokeBench, env: &Env) -> anyhow::Result<ExitCode> {
             token: token.clone(),
             nodes: 2,
             tuning: Default::default(),
+            function_env: vec![],
+            cgroup: Default::default(),
         })
         .await?;
         anyhow::ensure!(

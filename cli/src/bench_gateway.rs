@@ -96,6 +96,8 @@ pub async fn run(b: GatewayBench) -> anyhow::Result<ExitCode> {
         token: token.clone(),
         nodes: 1,
         tuning: Default::default(),
+        function_env: vec![],
+        cgroup: Default::default(),
     })
     .await?;
     anyhow::ensure!(

@@ -353,7 +353,8 @@ pub async fn clusters(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
 }
 
 /// `ferry run DIR`: package and run a function locally, no servers involved.
-pub async fn run_local(a: RunArgs) -> anyhow::Result<ExitCode> {
+pub async fn run_local(a: RunArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let function_env = crate::settings::run_env(&a, env)?;
     let input = read_input(a.data.as_deref())?;
     let (manifest, package) = pack(&a.dir).await?;
     let sha = ferry_core::id::sha256_hex(&package);
@@ -378,7 +379,7 @@ pub async fn run_local(a: RunArgs) -> anyhow::Result<ExitCode> {
         version: 0,
         request_id: ferry_core::id::new_id(),
         progress: None,
-        env: vec![],
+        env: function_env,
     };
     let inv = runtime
         .invoke(&sha, req)

@@ -118,6 +118,8 @@ pub async fn order_client(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         None => stable_node_id(&data_dir)?,
     };
     let mut cfg = ferry_order_client::Config::detect(node_id.clone());
+    cfg.function_env = crate::settings::function_env(&s, env)?;
+    let cgroup = crate::settings::cgroup(&s)?;
     if let Some(c) = s.cluster {
         cfg.cluster = c;
     }
@@ -144,6 +146,7 @@ pub async fn order_client(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     }
     let runtime = ferry_runtime::Runtime::new(ferry_runtime::Config {
         cache_dir: cfg.cache_dir.clone(),
+        cgroup,
         ..Default::default()
     })
     .context("start the runtime")?;

@@ -108,6 +108,17 @@ pub struct UpArgs {
     /// Node agents to run [env: FERRY_NODES] [default: 2]
     #[arg(long)]
     pub nodes: Option<u32>,
+    /// Node agents: a variable given to every native function, KEY=VALUE (repeatable;
+    /// adds to the config file's [function_env])
+    #[arg(long = "function-env", value_name = "KEY=VALUE")]
+    pub function_env: Vec<String>,
+    /// Node agents: a variable copied from this process's environment into every
+    /// native function's, e.g. AWS_SECRET_ACCESS_KEY (repeatable) [env: FERRY_FUNCTION_ENV_PASS, comma-separated]
+    #[arg(long = "function-env-pass", value_name = "NAME")]
+    pub function_env_pass: Vec<String>,
+    /// Node agents: native function limits: auto, off (rlimits only) or a delegated cgroup v2 directory [env: FERRY_CGROUP] [default: auto]
+    #[arg(long)]
+    pub cgroup: Option<String>,
 }
 
 #[derive(Args, Debug, Default, Clone)]
@@ -158,6 +169,17 @@ pub struct ServeArgs {
     /// Node agent: extra tags (repeatable), e.g. gpu
     #[arg(long = "tag")]
     pub tags: Vec<String>,
+    /// Node agent: a variable given to every native function, KEY=VALUE (repeatable;
+    /// adds to the config file's [function_env])
+    #[arg(long = "function-env", value_name = "KEY=VALUE")]
+    pub function_env: Vec<String>,
+    /// Node agent: a variable copied from this process's environment into every
+    /// native function's, e.g. AWS_SECRET_ACCESS_KEY (repeatable) [env: FERRY_FUNCTION_ENV_PASS, comma-separated]
+    #[arg(long = "function-env-pass", value_name = "NAME")]
+    pub function_env_pass: Vec<String>,
+    /// Node agent: native function limits: auto, off (rlimits only) or a delegated cgroup v2 directory [env: FERRY_CGROUP] [default: auto]
+    #[arg(long)]
+    pub cgroup: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -256,6 +278,12 @@ pub struct RunArgs {
     /// Runtime cache folder [default: ./.ferry/run-cache]
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// A variable for a native function, KEY=VALUE (repeatable), as a node's function_env gives it
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub function_env: Vec<String>,
+    /// A variable copied from this process's environment into a native function's (repeatable)
+    #[arg(long = "env-pass", value_name = "NAME")]
+    pub function_env_pass: Vec<String>,
 }
 
 /// Runs a parsed command line; prints errors as one line and maps them to exit codes.
@@ -336,7 +364,7 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Nodes(a) => nodes::list(a, &env).await,
         Command::Node(c) => nodes::admin(c, &env).await,
         Command::Clusters(a) => client::clusters(a, &env).await,
-        Command::Run(a) => client::run_local(a).await,
+        Command::Run(a) => client::run_local(a, &env).await,
         Command::Bench(b) => bench::run(b, &env).await,
         Command::Alias(c) => alias::run(c, &env).await,
         Command::Rerun(c) => rerun::run(c, &env).await,

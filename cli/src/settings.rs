@@ -1,5 +1,6 @@
 //! Resolving settings: config file → environment (`FERRY_…`) → flags.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -44,6 +45,17 @@ pub struct FileConfig {
     pub task_retention_s: Option<u64>,
     /// Order-server: key of the HMAC signature on task callbacks.
     pub callback_secret: Option<String>,
+    /// Node agents: variables given to every native function (`[function_env]`, e.g.
+    /// the object store's `AWS_ENDPOINT_URL`); `--function-env KEY=VALUE` adds to it.
+    pub function_env: BTreeMap<String, String>,
+    /// Node agents: names of variables copied from the agent's own environment into
+    /// every native function's, so that secrets (`AWS_SECRET_ACCESS_KEY`) stay out of
+    /// files and command lines.
+    pub function_env_pass: Vec<String>,
+    /// Node agents: how native functions are limited: `auto` (a cgroup v2 per
+    /// invocation where the agent's own cgroup allows it), `off` (rlimits only), or the
+    /// path of a delegated cgroup v2 directory.
+    pub cgroup: Option<String>,
 }
 
 /// The first of flag, environment variable and file value that is set.
@@ -68,9 +80,118 @@ where
 /// Settings after layering; `None` means "the component's default".
 pub type Settings = FileConfig;
 
+/// The node agents' function environment and limits as flags give them.
+#[derive(Clone, Copy)]
+struct NodeFlags<'a> {
+    function_env: &'a [String],
+    function_env_pass: &'a [String],
+    cgroup: Option<&'a String>,
+}
+
+/// Layers the node agents' keys: `function_env` is the file's table plus the flags'
+/// `KEY=VALUE`s (a flag wins on the same key); `function_env_pass` and `cgroup` are
+/// flags, else `FERRY_FUNCTION_ENV_PASS` (comma-separated) / `FERRY_CGROUP`, else the
+/// file.
+fn node_settings(a: NodeFlags<'_>, env: &Env, f: &FileConfig) -> anyhow::Result<FileConfig> {
+    let mut function_env = f.function_env.clone();
+    for kv in a.function_env {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("function_env {kv:?}: expected KEY=VALUE"))?;
+        function_env.insert(k.to_string(), v.to_string());
+    }
+    let function_env_pass = if !a.function_env_pass.is_empty() {
+        a.function_env_pass.to_vec()
+    } else if let Some(list) = env.get("FERRY_FUNCTION_ENV_PASS") {
+        list.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect()
+    } else {
+        f.function_env_pass.clone()
+    };
+    Ok(FileConfig {
+        function_env,
+        function_env_pass,
+        cgroup: pick(a.cgroup.cloned(), env, "FERRY_CGROUP", f.cgroup.clone())?,
+        ..FileConfig::default()
+    })
+}
+
+fn valid_env_name(n: &str) -> bool {
+    n.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The variables every native function gets from its node (beyond what the node sets
+/// itself): the fixed ones, then the passed ones with their values from `env`. Errors
+/// name variables, never values.
+pub fn function_env(s: &Settings, env: &Env) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = vec![];
+    for (k, v) in &s.function_env {
+        anyhow::ensure!(
+            valid_env_name(k),
+            "function_env: {k:?} is not a variable name"
+        );
+        out.push((k.clone(), v.clone()));
+    }
+    for k in &s.function_env_pass {
+        anyhow::ensure!(
+            valid_env_name(k),
+            "function_env_pass: {k:?} is not a variable name"
+        );
+        let v = env.get(k).with_context(|| {
+            format!("function_env_pass names {k}, which is not set in this process's environment")
+        })?;
+        out.retain(|(n, _)| n != k);
+        out.push((k.clone(), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// `ferry run`'s variables for the function: `--env` values, then `--env-pass` names
+/// with their values from `env` (checked like a node's `function_env`).
+pub fn run_env(a: &crate::RunArgs, env: &Env) -> anyhow::Result<Vec<(String, String)>> {
+    let s = node_settings(
+        NodeFlags {
+            function_env: &a.function_env,
+            function_env_pass: &a.function_env_pass,
+            cgroup: None,
+        },
+        &Env::default(),
+        &FileConfig::default(),
+    )?;
+    function_env(&s, env)
+}
+
+/// The runtime's cgroup setting from `auto`, `off` or a directory.
+pub fn cgroup(s: &Settings) -> anyhow::Result<ferry_runtime::cgroup::CgroupSetting> {
+    use ferry_runtime::cgroup::CgroupSetting;
+    Ok(match s.cgroup.as_deref() {
+        None | Some("auto") => CgroupSetting::Auto,
+        Some("off") => CgroupSetting::Off,
+        Some(p) if p.starts_with('/') => CgroupSetting::Root(PathBuf::from(p)),
+        Some(other) => anyhow::bail!(
+            "cgroup {other:?}: expected auto, off or the absolute path of a delegated cgroup v2 directory"
+        ),
+    })
+}
+
 pub fn resolve_serve(a: &ServeArgs, env: &Env) -> anyhow::Result<Settings> {
     let f: FileConfig = load_file(a.config.as_deref()).context("load the config file")?;
     let sched = scheduler(env, &f)?;
+    let node = node_settings(
+        NodeFlags {
+            function_env: &a.function_env,
+            function_env_pass: &a.function_env_pass,
+            cgroup: a.cgroup.as_ref(),
+        },
+        env,
+        &f,
+    )?;
     Ok(FileConfig {
         listen: pick(a.listen.clone(), env, "FERRY_LISTEN", f.listen)?,
         ops_listen: pick(a.ops_listen.clone(), env, "FERRY_OPS_LISTEN", f.ops_listen)?,
@@ -95,6 +216,9 @@ pub fn resolve_serve(a: &ServeArgs, env: &Env) -> anyhow::Result<Settings> {
             a.tags.clone()
         },
         nodes: None,
+        function_env: node.function_env,
+        function_env_pass: node.function_env_pass,
+        cgroup: node.cgroup,
         ..sched
     })
 }
@@ -182,6 +306,15 @@ pub fn tuning(s: &Settings) -> anyhow::Result<crate::up::Tuning> {
 pub fn resolve_up(a: &UpArgs, env: &Env) -> anyhow::Result<Settings> {
     let f: FileConfig = load_file(a.config.as_deref()).context("load the config file")?;
     let sched = scheduler(env, &f)?;
+    let node = node_settings(
+        NodeFlags {
+            function_env: &a.function_env,
+            function_env_pass: &a.function_env_pass,
+            cgroup: a.cgroup.as_ref(),
+        },
+        env,
+        &f,
+    )?;
     Ok(FileConfig {
         listen: pick(a.listen.clone(), env, "FERRY_LISTEN", f.listen)?,
         token: pick(a.token.clone(), env, "FERRY_TOKEN", f.token)?,
@@ -195,6 +328,9 @@ pub fn resolve_up(a: &UpArgs, env: &Env) -> anyhow::Result<Settings> {
         breaker_max_ejected_percent: sched.breaker_max_ejected_percent,
         task_retention_s: sched.task_retention_s,
         callback_secret: sched.callback_secret,
+        function_env: node.function_env,
+        function_env_pass: node.function_env_pass,
+        cgroup: node.cgroup,
         ..f
     })
 }
@@ -247,5 +383,66 @@ mod tests {
         };
         let err = resolve_serve(&args, &Env::default()).unwrap_err();
         assert!(format!("{err:#}").contains("lisen"), "{err:#}");
+    }
+
+    #[test]
+    fn function_env_from_file_flags_and_the_agents_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ferry.toml");
+        std::fs::write(
+            &file,
+            "function_env_pass = [\"FROM_FILE\"]\ncgroup = \"off\"\n[function_env]\nAWS_ENDPOINT_URL = \"http://file\"\nAWS_REGION = \"r1\"\n",
+        )
+        .unwrap();
+        let env = Env::from_pairs([
+            (
+                "FERRY_FUNCTION_ENV_PASS",
+                "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY",
+            ),
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t"),
+        ]);
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            function_env: vec!["AWS_REGION=r2".into(), "X=a=b".into()],
+            ..ServeArgs::default()
+        };
+        let s = resolve_serve(&args, &env).unwrap();
+        let vars = function_env(&s, &env).unwrap();
+        let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("AWS_ENDPOINT_URL"), Some("http://file"));
+        assert_eq!(get("AWS_REGION"), Some("r2"), "a flag beats the file");
+        assert_eq!(get("X"), Some("a=b"));
+        assert_eq!(
+            get("AWS_SECRET_ACCESS_KEY"),
+            Some("s3cr3t"),
+            "passed through"
+        );
+        assert_eq!(
+            get("FROM_FILE"),
+            None,
+            "the environment's list beats the file's"
+        );
+        assert_eq!(
+            cgroup(&s).unwrap(),
+            ferry_runtime::cgroup::CgroupSetting::Off
+        );
+
+        // A passed name the agent does not have is an error that shows no value.
+        let args = ServeArgs {
+            config: Some(file),
+            function_env_pass: vec!["MISSING".into()],
+            cgroup: Some("relative/dir".into()),
+            ..ServeArgs::default()
+        };
+        let s = resolve_serve(&args, &env).unwrap();
+        let e = function_env(&s, &env).unwrap_err().to_string();
+        assert!(e.contains("MISSING") && !e.contains("s3cr3t"), "{e}");
+        assert!(cgroup(&s).is_err());
+        let bad = ServeArgs {
+            function_env: vec!["NOEQUALS".into()],
+            ..ServeArgs::default()
+        };
+        assert!(resolve_serve(&bad, &env).is_err());
     }
 }

@@ -22,6 +22,11 @@ pub struct UpConfig {
     pub nodes: u32,
     /// Failure detection and circuit breaking of the order-server.
     pub tuning: Tuning,
+    /// Variables every native function gets (after `FERRY_API_URL`/`FERRY_API_TOKEN`),
+    /// e.g. the object store's `AWS_*` settings.
+    pub function_env: Vec<(String, String)>,
+    /// How the node agents limit native functions.
+    pub cgroup: ferry_runtime::cgroup::CgroupSetting,
 }
 
 /// The order-server's failure detection, circuit breakers, retention and callbacks.
@@ -103,6 +108,7 @@ impl Cluster {
             let cache_dir = cfg.data_dir.join("nodes").join(&node_id);
             let runtime = ferry_runtime::Runtime::new(ferry_runtime::Config {
                 cache_dir: cache_dir.clone(),
+                cgroup: cfg.cgroup.clone(),
                 ..Default::default()
             })
             .with_context(|| format!("start the runtime of {node_id}"))?;
@@ -117,6 +123,7 @@ impl Cluster {
                 ("FERRY_API_URL".into(), gateway.url.clone()),
                 ("FERRY_API_TOKEN".into(), cfg.token.clone()),
             ];
+            c.function_env.extend(cfg.function_env.iter().cloned());
             agents.push(ferry_order_client::start(
                 c,
                 Some(store.clone()),
@@ -232,6 +239,8 @@ pub fn load_or_create_secret(
 
 pub async fn run(args: UpArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let s = resolve_up(&args, env)?;
+    let function_env = crate::settings::function_env(&s, env)?;
+    let cgroup = crate::settings::cgroup(&s)?;
     let mut tuning = crate::settings::tuning(&s)?;
     let data_dir = s.data_dir.unwrap_or_else(|| PathBuf::from(".ferry"));
     let listen = socket_addr(s.listen.as_deref().unwrap_or("127.0.0.1:7070"))?;
@@ -249,6 +258,8 @@ pub async fn run(args: UpArgs, env: &Env) -> anyhow::Result<ExitCode> {
         token: token.clone(),
         nodes,
         tuning,
+        function_env,
+        cgroup,
     })
     .await?;
     cluster

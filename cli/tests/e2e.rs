@@ -282,3 +282,86 @@ async fn ferry_up_deploy_invoke_from_the_command_line() {
     assert!(out.contains("Hello, again!"));
     drop(up2);
 }
+
+/// A node agent's function environment and cgroup settings are checked at start: a
+/// passed variable it does not have, or a cgroup that is not auto/off/an absolute
+/// directory, stops it with an error naming the setting (and never a value).
+#[test]
+fn a_node_agent_refuses_settings_it_cannot_honour() {
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--function-env-pass", "FERRY_TEST_NOT_SET"],
+            "function_env_pass names FERRY_TEST_NOT_SET",
+        ),
+        (&["--cgroup", "relative/dir"], "cgroup \"relative/dir\""),
+    ];
+    for (args, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = ferry();
+        cmd.args(["order-client", "--order-server", "http://127.0.0.1:1"])
+            .args(["--gateway", "http://127.0.0.1:1", "--data-dir"])
+            .arg(dir.path())
+            .args(["--function-env", "AWS_REGION=r1"])
+            .args(args)
+            .env_remove("FERRY_TEST_NOT_SET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut agent = Proc::spawn("order-client", &mut cmd);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = agent.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{args:?}: the agent kept running"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(agent.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
+/// `ferry run` gives a native function the variables a node's function_env would:
+/// `--env KEY=VALUE` and `--env-pass NAME` (from its own environment).
+#[test]
+fn ferry_run_passes_the_function_environment() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("fn");
+    std::fs::create_dir_all(&f).unwrap();
+    std::fs::write(
+        f.join("ferry.toml"),
+        "name = \"envtest\"\nkind = \"native\"\nentrypoint = [\"./run.sh\"]\n",
+    )
+    .unwrap();
+    std::fs::write(f.join("run.sh"), "#!/bin/sh\necho \"$GREETING $PASSED\"\n").unwrap();
+    std::fs::set_permissions(f.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = ferry()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "fn",
+            "--env",
+            "GREETING=hello",
+            "--env-pass",
+            "PASSED",
+        ])
+        .env("PASSED", "world")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello world");
+    let out = ferry()
+        .current_dir(dir.path())
+        .args(["run", "fn", "--env-pass", "FERRY_TEST_NOT_SET"])
+        .env_remove("FERRY_TEST_NOT_SET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FERRY_TEST_NOT_SET"));
+}

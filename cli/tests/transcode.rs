@@ -766,8 +766,8 @@ async fn bad_input_is_a_function_error_with_a_readable_message() {
             "input file /no/such/file.mp4 does not exist",
         ),
         (
-            json!({"input": "s3://bucket/key.mp4", "output": out}),
-            "unsupported scheme \"s3\"",
+            json!({"input": "gs://bucket/key.mp4", "output": out}),
+            "unsupported scheme \"gs\"",
         ),
         (
             json!({"input": url(&audio), "output": out}),

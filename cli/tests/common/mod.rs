@@ -71,12 +71,24 @@ pub async fn start_cluster_tuned(
     nodes: u32,
     tuning: ferry_cli::up::Tuning,
 ) -> (ferry_cli::up::Cluster, ferry_sdk::client::Client) {
+    start_cluster_with_env(data_dir, nodes, tuning, vec![]).await
+}
+
+/// [`start_cluster_tuned`] with variables every native function gets from its node.
+pub async fn start_cluster_with_env(
+    data_dir: &std::path::Path,
+    nodes: u32,
+    tuning: ferry_cli::up::Tuning,
+    function_env: Vec<(String, String)>,
+) -> (ferry_cli::up::Cluster, ferry_sdk::client::Client) {
     let cluster = ferry_cli::up::Cluster::start(ferry_cli::up::UpConfig {
         listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
         data_dir: data_dir.to_path_buf(),
         token: "test-token".into(),
         nodes,
         tuning,
+        function_env,
+        cgroup: Default::default(),
     })
     .await
     .expect("start the cluster");

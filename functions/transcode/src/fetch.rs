@@ -1,7 +1,9 @@
-//! An `http://` input is downloaded once, into the invocation's scratch directory,
-//! and every pass (probe, ladder, cover, quality, segments) reads that file instead
-//! of fetching the URL again. `https://` inputs are still read by ffmpeg itself on
-//! each pass: the function links no TLS library of its own (ffmpeg has one).
+//! An `http://` or `https://` input is downloaded once, streaming, into the
+//! invocation's scratch directory, and every pass (probe, ladder, cover, quality,
+//! segments) reads that file instead of fetching the URL again. TLS is reqwest's
+//! rustls with the aws-lc-rs provider (the workspace's one TLS stack, shared with the
+//! S3 client of [`crate::s3`]) and the system's root certificates. `s3://` inputs are
+//! downloaded the same way by [`crate::s3::download`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,9 +18,9 @@ use crate::request::Input;
 const STALL: Duration = Duration::from_secs(30);
 const CONNECT: Duration = Duration::from_secs(10);
 
-/// Whether the input is fetched once before the passes.
+/// Whether the input is fetched once before the passes: every network input is.
 pub fn downloads(input: &Input) -> bool {
-    matches!(input, Input::Http(u) if u.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")))
+    input.is_network()
 }
 
 /// What the manifest says about the download.
@@ -55,6 +57,22 @@ pub fn download(url: &str, dir: &Path) -> anyhow::Result<Fetched> {
     Ok(fetched)
 }
 
+/// An error and its causes (reqwest's own message leaves out why: refused, a
+/// certificate, a timeout), each once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 async fn fetch(url: &str, path: &Path) -> anyhow::Result<u64> {
     let client = reqwest::Client::builder()
         .connect_timeout(CONNECT)
@@ -65,7 +83,7 @@ async fn fetch(url: &str, path: &Path) -> anyhow::Result<u64> {
         .get(url)
         .send()
         .await
-        .map_err(|e| anyhow!("cannot read the input {url}: {e}"))?;
+        .map_err(|e| anyhow!("cannot read the input {url}: {}", chain(&e)))?;
     if !resp.status().is_success() {
         bail!("cannot read the input {url}: HTTP {}", resp.status());
     }
@@ -74,11 +92,12 @@ async fn fetch(url: &str, path: &Path) -> anyhow::Result<u64> {
     let mut file =
         std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
     let mut n = 0u64;
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| anyhow!("downloading the input {url} broke off after {n} bytes: {e}"))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        anyhow!(
+            "downloading the input {url} broke off after {n} bytes: {}",
+            chain(&e)
+        )
+    })? {
         file.write_all(&chunk)
             .with_context(|| format!("write {}", path.display()))?;
         n += chunk.len() as u64;
@@ -97,10 +116,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_plain_http_is_downloaded() {
+    fn network_inputs_are_downloaded() {
         assert!(downloads(&Input::Http("http://127.0.0.1/a.mp4".into())));
         assert!(downloads(&Input::Http("HTTP://h/a.mp4".into())));
-        assert!(!downloads(&Input::Http("https://h/a.mp4".into())));
+        assert!(downloads(&Input::Http("https://h/a.mp4".into())));
+        assert!(downloads(
+            &crate::request::parse_input("s3://bucket/a.mp4").unwrap()
+        ));
         assert!(!downloads(&Input::File("/a.mp4".into())));
     }
 
@@ -114,6 +136,23 @@ mod tests {
             .unwrap()
             .port();
         let e = download(&format!("http://127.0.0.1:{port}/a.mp4"), dir.path()).unwrap_err();
+        assert!(e.to_string().contains("cannot read the input"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn https_goes_through_the_linked_tls_stack() {
+        // A server that answers plain text to the TLS hello: the handshake fails, and
+        // says so in one readable error (no panic about a missing crypto provider).
+        let dir = tempfile::tempdir().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            }
+        });
+        let e = download(&format!("https://127.0.0.1:{port}/a.mp4"), dir.path()).unwrap_err();
         assert!(e.to_string().contains("cannot read the input"), "{e}");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

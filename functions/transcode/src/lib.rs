@@ -17,6 +17,7 @@ pub mod parallel;
 pub mod probe;
 pub mod request;
 pub mod run;
+pub mod s3;
 
 /// Runs one invocation body to its manifest (JSON bytes) or a one-line error.
 pub fn handle(body: &[u8]) -> Result<Vec<u8>, String> {

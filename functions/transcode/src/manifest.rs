@@ -37,9 +37,12 @@ pub struct Manifest {
     /// This invocation was one segment of a segment-parallel job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segment: Option<crate::request::SegmentSpec>,
-    /// An `http://` input downloaded once before the passes.
+    /// A network input (`http(s)://`, `s3://`) downloaded once before the passes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_download: Option<crate::fetch::Downloaded>,
+    /// The upload to an `s3://` output (every file but `manifest.json` itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_upload: Option<crate::s3::Uploaded>,
     /// How a long source was encoded segment-parallel.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segmented: Option<crate::parallel::Report>,
@@ -126,6 +129,34 @@ pub struct Delivered {
     pub facts: Facts,
 }
 
+impl Manifest {
+    /// Points every location at where the files went: `output` becomes `output`, and
+    /// each local path `p` the (`path`, `url`) that `place(p)` gives (kept when `None`).
+    pub fn relocate(&mut self, output: String, place: impl Fn(&str) -> Option<(String, String)>) {
+        self.output = output;
+        let moved = |path: &mut String, url: &mut String| {
+            if let Some((p, u)) = place(path) {
+                *path = p;
+                *url = u;
+            }
+        };
+        for r in &mut self.renditions {
+            moved(&mut r.path, &mut r.url);
+        }
+        if let Some(c) = &mut self.cover {
+            moved(&mut c.path, &mut c.url);
+        }
+        if let Some(h) = &mut self.hls {
+            moved(&mut h.path, &mut h.url);
+            for v in &mut h.variants {
+                if let Some((p, _)) = place(&v.path) {
+                    v.path = p;
+                }
+            }
+        }
+    }
+}
+
 /// A file URL for a path (the output is a local directory).
 pub fn file_url(path: &std::path::Path) -> String {
     let mut out = String::from("file://");
@@ -209,6 +240,7 @@ pub fn assemble(p: Parts<'_>) -> Manifest {
         hls_error: p.hls_error,
         segment: p.job.segment.clone(),
         input_download: p.downloaded,
+        output_upload: None,
         segmented: p.segmented,
         segmented_error: p.segmented_error,
         quality_error: p.quality_error,
@@ -349,5 +381,17 @@ mod tests {
         assert_eq!(v["acceleration"]["path"], "cpu");
         assert_eq!(v["acceleration"]["encoder"], "libx265");
         assert_eq!(r["level"], 90);
+
+        // An object-store output: the locations become keys and s3:// URLs.
+        let mut m = m;
+        m.relocate("s3://b/p/".into(), |local| {
+            let rel = local.strip_prefix("/out dir/")?;
+            Some((format!("p/{rel}"), format!("s3://b/p/{rel}")))
+        });
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["output"], "s3://b/p/");
+        assert_eq!(v["renditions"][0]["url"], "s3://b/p/480p.mp4");
+        assert_eq!(v["renditions"][0]["path"], "p/480p.mp4");
+        assert_eq!(v["renditions"][0]["file"], "480p.mp4");
     }
 }

@@ -13,7 +13,8 @@
 //!
 //! The segments are written under the output directory (`.ferry-segments-<id>/`),
 //! which must therefore be storage the nodes share (as any `file://` output is for
-//! the caller), and removed at the end.
+//! the caller), and removed at the end. An `s3://` output is staged in this node's
+//! scratch, which other nodes cannot reach: such jobs encode in one pass.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -76,6 +77,11 @@ pub fn decide(job: &Job, source: &Source, api: Option<Api>) -> Result<Api, Optio
             "reproducible mode encodes in one pass (segment boundaries change the bytes)".into(),
         ));
     }
+    if matches!(job.output, crate::request::Output::S3(_)) {
+        return Err(Some(
+            "the output is an object store: segments need a directory the nodes share, so this node encodes in one pass".into(),
+        ));
+    }
     api.ok_or_else(|| {
         Some("FERRY_API_URL is not set: the node gives this function no API address".into())
     })
@@ -119,6 +125,7 @@ fn child_input(job: &Job) -> String {
     match &job.input {
         crate::request::Input::File(p) => crate::manifest::file_url(p),
         crate::request::Input::Http(u) => u.clone(),
+        crate::request::Input::S3(u) => u.to_string(),
     }
 }
 
@@ -576,6 +583,18 @@ mod tests {
             .unwrap_err()
             .unwrap();
         assert!(why.contains("reproducible"));
+        // An object-store output is staged in this node's scratch: one pass.
+        let s3 = crate::request::parse(
+            br#"{"input":"s3://media-in/a.mp4","output":"s3://media-out/jobs/1/"}"#,
+        )
+        .unwrap();
+        let why = decide(&s3, &source(120.0), api()).unwrap_err().unwrap();
+        assert!(why.contains("object store"), "{why}");
+        // An s3:// input with a shared directory output still splits.
+        let s3_in =
+            crate::request::parse(br#"{"input":"s3://media-in/a.mp4","output":"file:///out/"}"#)
+                .unwrap();
+        assert!(decide(&s3_in, &source(120.0), api()).is_ok());
         // A lowered threshold, a source shorter than a segment.
         let j = job(r#","segment_threshold_s":5,"segment_s":10"#);
         assert!(decide(&j, &source(8.0), api()).unwrap_err().is_some());

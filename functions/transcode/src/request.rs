@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::s3::S3Url;
+
 /// The presets x264 and x265 both accept.
 pub const PRESETS: &[&str] = &[
     "ultrafast",
@@ -138,22 +140,37 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
     File(PathBuf),
-    /// An `http://` or `https://` URL, read by ffmpeg itself.
+    /// An `http://` or `https://` URL (downloaded once into scratch, see
+    /// [`crate::fetch`]).
     Http(String),
+    /// An object in an S3-compatible store (downloaded once, see [`crate::s3`]).
+    S3(S3Url),
 }
 
 impl Input {
-    /// What ffmpeg and ffprobe are given after `-i`.
+    /// What ffmpeg and ffprobe are given after `-i` (network inputs are downloaded
+    /// first, so they see a file).
     pub fn ffmpeg_arg(&self) -> String {
         match self {
             Input::File(p) => p.display().to_string(),
             Input::Http(u) => u.clone(),
+            Input::S3(u) => u.to_string(),
         }
     }
 
     pub fn is_network(&self) -> bool {
-        matches!(self, Input::Http(_))
+        matches!(self, Input::Http(_) | Input::S3(_))
     }
+}
+
+/// Where the results go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// A local (or shared) directory.
+    Dir(PathBuf),
+    /// A key prefix in an S3-compatible store (empty or ending in `/`): the files are
+    /// written into scratch, then uploaded (see [`crate::s3`]).
+    S3(S3Url),
 }
 
 /// A checked request.
@@ -162,7 +179,10 @@ pub struct Job {
     pub input_url: String,
     pub input: Input,
     pub output_url: String,
-    /// The output directory (created if missing).
+    pub output: Output,
+    /// The directory the files are written to (created if missing): the output
+    /// directory, or for an `s3://` output one in scratch that [`crate::run::run`]
+    /// chooses (empty until then).
     pub output_dir: PathBuf,
     pub codec: Codec,
     pub ladder: Vec<Rung>,
@@ -239,6 +259,7 @@ fn file_path(url: &str, field: &str) -> Result<PathBuf, String> {
 pub fn parse_input(url: &str) -> Result<Input, String> {
     match scheme(url).map(str::to_ascii_lowercase).as_deref() {
         Some("file") => file_path(url, "input").map(Input::File),
+        Some("s3") => crate::s3::parse_object(url).map(Input::S3),
         Some("http" | "https") => {
             if url.chars().any(|c| c.is_control() || c == ' ') {
                 return Err(format!("input: {url:?} is not a valid URL"));
@@ -246,22 +267,23 @@ pub fn parse_input(url: &str) -> Result<Input, String> {
             Ok(Input::Http(url.to_string()))
         }
         Some(other) => Err(format!(
-            "input: unsupported scheme {other:?} (supported: file, http, https)"
+            "input: unsupported scheme {other:?} (supported: file, http, https, s3)"
         )),
         None => Err(format!(
-            "input: {url:?} is not a URL (expected file:///abs/path or http(s)://...)"
+            "input: {url:?} is not a URL (expected file:///abs/path, http(s)://... or s3://bucket/key)"
         )),
     }
 }
 
-pub fn parse_output(url: &str) -> Result<PathBuf, String> {
+pub fn parse_output(url: &str) -> Result<Output, String> {
     match scheme(url).map(str::to_ascii_lowercase).as_deref() {
-        Some("file") => file_path(url, "output"),
+        Some("file") => file_path(url, "output").map(Output::Dir),
+        Some("s3") => crate::s3::parse_prefix(url).map(Output::S3),
         Some(other) => Err(format!(
-            "output: unsupported scheme {other:?} (supported: file)"
+            "output: unsupported scheme {other:?} (supported: file, s3)"
         )),
         None => Err(format!(
-            "output: {url:?} is not a URL (expected file:///abs/dir/)"
+            "output: {url:?} is not a URL (expected file:///abs/dir/ or s3://bucket/prefix/)"
         )),
     }
 }
@@ -281,14 +303,18 @@ pub fn parse(body: &[u8]) -> Result<Job, String> {
             format!("bad request: {e}")
         }
     })?;
-    let input_url = req
-        .input
-        .ok_or("missing field \"input\" (a URL: file:///abs/in.mp4 or http(s)://...)")?;
-    let output_url = req
-        .output
-        .ok_or("missing field \"output\" (a directory URL: file:///abs/out/)")?;
+    let input_url = req.input.ok_or(
+        "missing field \"input\" (a URL: file:///abs/in.mp4, http(s)://... or s3://bucket/key)",
+    )?;
+    let output_url = req.output.ok_or(
+        "missing field \"output\" (a directory URL: file:///abs/out/ or s3://bucket/prefix/)",
+    )?;
     let input = parse_input(&input_url)?;
-    let output_dir = parse_output(&output_url)?;
+    let output = parse_output(&output_url)?;
+    let output_dir = match &output {
+        Output::Dir(d) => d.clone(),
+        Output::S3(_) => PathBuf::new(),
+    };
     if req.ladder.is_empty() || req.ladder.len() > 8 {
         return Err("ladder: give 1 to 8 rungs".into());
     }
@@ -366,6 +392,7 @@ pub fn parse(body: &[u8]) -> Result<Job, String> {
         input_url,
         input,
         output_url,
+        output,
         output_dir,
         codec: req.codec,
         ladder,
@@ -405,6 +432,29 @@ mod tests {
     }
 
     #[test]
+    fn s3_input_and_output_are_read() {
+        let j =
+            parse(br#"{"input":"s3://media-in/uploads/a.mp4","output":"s3://media-out/jobs/7"}"#)
+                .unwrap();
+        assert_eq!(
+            j.input,
+            Input::S3(S3Url {
+                bucket: "media-in".into(),
+                key: "uploads/a.mp4".into()
+            })
+        );
+        assert!(j.input.is_network());
+        assert_eq!(
+            j.output,
+            Output::S3(S3Url {
+                bucket: "media-out".into(),
+                key: "jobs/7/".into()
+            })
+        );
+        assert_eq!(j.output_dir, PathBuf::new());
+    }
+
+    #[test]
     fn options_are_read() {
         let j = parse(
             br#"{"input":"https://example.com/v.mp4","output":"file://localhost/o","codec":"h264",
@@ -428,7 +478,9 @@ mod tests {
         assert!(err("{\"input\": ").contains("not valid JSON"));
         assert!(err(r#"{"output":"file:///o"}"#).contains("missing field \"input\""));
         assert!(err(r#"{"input":"file:///i"}"#).contains("missing field \"output\""));
-        assert!(err(r#"{"input":"s3://b/k","output":"file:///o"}"#).contains("unsupported scheme"));
+        assert!(err(r#"{"input":"gs://b/k","output":"file:///o"}"#).contains("unsupported scheme"));
+        assert!(err(r#"{"input":"s3://b/k","output":"file:///o"}"#).contains("bucket name"));
+        assert!(err(r#"{"input":"file:///i","output":"s3://bucket?x"}"#).contains("output:"));
         assert!(err(r#"{"input":"/abs/in.mp4","output":"file:///o"}"#).contains("is not a URL"));
         assert!(err(r#"{"input":"file://rel/in.mp4","output":"file:///o"}"#).contains("absolute"));
         assert!(

@@ -15,7 +15,8 @@ use crate::ffmpeg::{self, Progress, Settings, Span, Tick};
 use crate::ladder::{self, Planned};
 use crate::manifest::{self, Cover, Delivered, Failed, Manifest, Timings};
 use crate::probe::{self, Source};
-use crate::request::{Input, Job};
+use crate::request::{Input, Job, Output};
+use crate::s3::{self, S3Url};
 use crate::{fetch, gpu, hls, parallel};
 
 /// What a child process left behind.
@@ -382,29 +383,95 @@ fn segment_duration(job: &Job, source: &Source) -> f64 {
     }
 }
 
-/// The whole transcode.
+/// The whole transcode: a network input is downloaded into scratch first; an `s3://`
+/// output is checked before any work, written into scratch, then uploaded.
 pub fn run(job: &Job) -> anyhow::Result<Manifest> {
-    if let (true, Input::Http(url)) = (fetch::downloads(&job.input), &job.input) {
+    let scratch = std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir());
+    let needs_s3 = matches!(job.input, Input::S3(_)) || matches!(job.output, Output::S3(_));
+    let s3cfg = needs_s3.then(s3::Config::from_env);
+    let mut local = job.clone();
+    // Removes the local output folder of an s3:// output at the end, whatever happens.
+    let mut staged = None;
+    if let (Output::S3(dest), Some(cfg)) = (&job.output, &s3cfg) {
+        s3::check_output(dest, cfg)?;
+        let dir = Staged(scratch.join(format!("ferry-output-{}", std::process::id())));
+        local.output_dir = dir.0.clone();
+        staged = Some(dir);
+    }
+    let mut fetched = None;
+    let mut downloaded = None;
+    if fetch::downloads(&job.input) {
         // Once, into the scratch directory; every pass then reads the file.
         let t = Instant::now();
         mark(0.0, "download");
-        let scratch = std::env::current_dir().unwrap_or_else(|_| std::env::temp_dir());
-        let fetched = fetch::download(url, &scratch)?;
-        let downloaded = fetch::Downloaded {
-            bytes: fetched.bytes,
+        let f = match (&job.input, &s3cfg) {
+            (Input::S3(url), Some(cfg)) => s3::download(url, cfg, &scratch)?,
+            _ => fetch::download(&job.input.ffmpeg_arg(), &scratch)?,
+        };
+        let d = fetch::Downloaded {
+            bytes: f.bytes,
             ms: ms(t),
         };
         eprintln!(
-            "transcode: downloaded {} bytes of {url} in {} ms",
-            fetched.bytes, downloaded.ms
+            "transcode: downloaded {} bytes of {} in {} ms",
+            f.bytes, job.input_url, d.ms
         );
-        let local = Job {
-            input: Input::File(fetched.path.clone()),
-            ..job.clone()
-        };
-        return run_job(&local, Some(downloaded));
+        local.input = Input::File(f.path.clone());
+        downloaded = Some(d);
+        fetched = Some(f);
     }
-    run_job(job, None)
+    let mut m = run_job(&local, downloaded)?;
+    drop(fetched);
+    if let (Output::S3(dest), Some(cfg), Some(dir)) = (&job.output, &s3cfg, &staged) {
+        publish(&mut m, &dir.0, dest, cfg)?;
+    }
+    Ok(m)
+}
+
+/// The local folder an `s3://` output is written to, removed when dropped.
+struct Staged(PathBuf);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Uploads everything under `dir` to `dest`, the manifest last, with its locations
+/// (and the copy in `manifest.json`) saying `s3://` URLs and object keys.
+fn publish(m: &mut Manifest, dir: &Path, dest: &S3Url, cfg: &s3::Config) -> anyhow::Result<()> {
+    let t = Instant::now();
+    mark(99.0, "upload");
+    let files: Vec<(String, PathBuf)> = s3::files_under(dir)?
+        .into_iter()
+        .filter(|(rel, _)| rel != "manifest.json")
+        .collect();
+    let bytes = s3::upload(&files, dest, cfg)?;
+    m.relocate(dest.to_string(), |local| {
+        let rel = Path::new(local).strip_prefix(dir).ok()?;
+        let rel: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let url = dest.join(&rel.join("/"));
+        Some((url.key.clone(), url.to_string()))
+    });
+    m.output_upload = Some(s3::Uploaded {
+        files: files.len() as u64,
+        bytes,
+        ms: ms(t),
+    });
+    let json = serde_json::to_vec_pretty(m)?;
+    let path = dir.join("manifest.json");
+    std::fs::write(&path, json).with_context(|| format!("write {}", path.display()))?;
+    s3::upload(&[("manifest.json".into(), path)], dest, cfg)?;
+    eprintln!(
+        "transcode: uploaded {} files ({bytes} bytes) and the manifest to {dest} in {} ms",
+        files.len(),
+        ms(t)
+    );
+    mark(100.0, "done");
+    Ok(())
 }
 
 fn run_job(job: &Job, downloaded: Option<fetch::Downloaded>) -> anyhow::Result<Manifest> {
@@ -576,7 +643,9 @@ fn run_job(job: &Job, downloaded: Option<fetch::Downloaded>) -> anyhow::Result<M
     let json = serde_json::to_vec_pretty(&m)?;
     std::fs::write(dir.join("manifest.json"), json)
         .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("manifest.json").display()))?;
-    mark(100.0, "done");
+    if matches!(job.output, Output::Dir(_)) {
+        mark(100.0, "done");
+    }
     Ok(m)
 }
 
