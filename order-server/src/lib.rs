@@ -14,8 +14,10 @@ use ferry_store::Store;
 
 mod batcher;
 pub mod breaker;
+pub mod fairness;
 mod housekeeping;
 pub mod placement;
+mod queue_index;
 mod registry;
 mod service;
 mod tasks;
