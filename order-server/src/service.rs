@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     pub(crate) mrts: std::sync::Mutex<crate::tasks::Mrts>,
     /// Async tasks this instance runs now, and how many per queue.
     pub(crate) inflight: std::sync::Mutex<crate::tasks::InflightSet>,
+    /// Queued tasks a claim transaction of ours holds now (skipped by the next pass).
+    pub(crate) claiming: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    pub(crate) claims_in_flight: Arc<tokio::sync::Semaphore>,
     /// Wakes the claim loop when a node frees a slot or attaches.
     pub(crate) capacity_freed: Notify,
     /// Completions refused as stale (an old attempt, or after our lease was lost).
@@ -106,6 +109,10 @@ impl OrderService {
                 queue_defs,
                 mrts: Default::default(),
                 inflight: Default::default(),
+                claiming: Default::default(),
+                claims_in_flight: Arc::new(tokio::sync::Semaphore::new(
+                    crate::tasks::CLAIMS_IN_FLIGHT,
+                )),
                 capacity_freed: Notify::new(),
                 stale_completions: AtomicU64::new(0),
                 node_admin,

@@ -36,8 +36,10 @@ use crate::service::OrderService;
 
 /// Tasks claimed in one transaction at most (3 operations each, under etcd's 128).
 const CLAIM_BATCH: usize = 32;
-/// Claim transactions one round runs at once (one queue snapshot serves them all).
+/// Claim transactions one pass launches (one queue snapshot serves them all).
 const CLAIM_PARALLEL: usize = 8;
+/// Claim transactions in flight at once, over consecutive passes.
+pub(crate) const CLAIMS_IN_FLIGHT: usize = 16;
 /// Results larger than this are not kept with the task.
 pub const MAX_RESULT_BYTES: usize = 1 << 20;
 
@@ -241,7 +243,12 @@ impl OrderService {
             .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let running = inflight.per_queue();
+        let claiming = self.claiming();
+        // Running here, or about to (held by a claim transaction in flight).
+        let mut running = inflight.per_queue().clone();
+        for queue in claiming.values() {
+            *running.entry(queue.clone()).or_insert(0) += 1;
+        }
         // Shares are computed per queue as the index meets it.
         let shares = std::cell::RefCell::new(HashMap::<String, u32>::new());
         let share_of = |queue: &str| -> Option<u32> {
@@ -261,7 +268,10 @@ impl OrderService {
                 None => max,
             },
             |e| {
-                if e.entry.not_before_ms > now || inflight.contains_key(&e.id) {
+                if e.entry.not_before_ms > now
+                    || inflight.contains_key(&e.id)
+                    || claiming.contains_key(&e.id)
+                {
                     return false;
                 }
                 if now.saturating_sub(e.entry.not_before_ms.max(e.entry.enqueued_ms)) > steal_after
@@ -287,13 +297,18 @@ impl OrderService {
                 rank: e.rank,
             })
             .collect();
-        let picked = fairness::select(&cands, running, &shares, max);
+        let picked = fairness::select(&cands, &running, &shares, max);
+        drop(claiming);
         drop(inflight);
         let mut slots: Vec<Option<Indexed>> = gathered.into_iter().map(Some).collect();
         picked.into_iter().filter_map(|i| slots[i].take()).collect()
     }
 
     /// Claims and starts one batch; returns how many tasks it started.
+    ///
+    /// The claim transactions run on their own (at most [`CLAIMS_IN_FLIGHT`] at once):
+    /// the next pass chooses, reads and places while they commit, skipping the entries
+    /// they hold (`claiming`).
     async fn claim_once(&self) -> Result<usize, ferry_core::Error> {
         let free = self.inner.nodes.free_slots();
         if free == 0 || self.incarnation() == 0 {
@@ -303,7 +318,36 @@ impl OrderService {
         if candidates.is_empty() {
             return Ok(0);
         }
+        let mut pending: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
+        self.claiming().extend(
+            candidates
+                .iter()
+                .map(|c| (c.id.clone(), c.entry.queue.clone())),
+        );
+        let r = self.claim_pass(candidates, &mut pending).await;
+        // What no claim transaction took over is free for the next pass.
+        let mut claiming = self.claiming();
+        for id in &pending {
+            claiming.remove(id);
+        }
+        r
+    }
 
+    /// Task id → queue of the entries chosen and not yet claimed or released.
+    fn claiming(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.inner
+            .claiming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads, places and launches the claim of `candidates`; removes from `pending`
+    /// the ids a launched claim now holds (it releases them when it ends).
+    async fn claim_pass(
+        &self,
+        candidates: Vec<Indexed>,
+        pending: &mut Vec<String>,
+    ) -> Result<usize, ferry_core::Error> {
         // Read the tasks: one round trip per batch, the batches at once.
         let reads = candidates.chunks(CLAIM_BATCH).map(|chunk| {
             let txn = Txn {
@@ -391,10 +435,30 @@ impl OrderService {
             let rest = placed.split_off(placed.len().min(CLAIM_BATCH));
             chunks.push(std::mem::replace(&mut placed, rest));
         }
-        let claims = chunks.into_iter().map(|chunk| self.claim_chunk(chunk));
         let mut n = 0;
-        for r in futures::future::join_all(claims).await {
-            n += r?;
+        for chunk in chunks {
+            let Ok(permit) = self.inner.claims_in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let ids: Vec<String> = chunk.iter().map(|(c, _, _)| c.queued.id.clone()).collect();
+            pending.retain(|id| !ids.contains(id));
+            n += chunk.len();
+            let svc = self.clone();
+            tokio::spawn(async move {
+                match svc.claim_chunk(chunk).await {
+                    Ok(0) => svc.inner.capacity_freed.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %e, "claiming tasks failed");
+                        svc.inner.capacity_freed.notify_one();
+                    }
+                }
+                let mut claiming = svc.claiming();
+                for id in &ids {
+                    claiming.remove(id);
+                }
+                drop(permit);
+            });
         }
         Ok(n)
     }
@@ -408,10 +472,15 @@ impl OrderService {
         let tag = self.incarnation_tag(self.incarnation());
         let claimed_at = ferry_core::now_ms();
         let mut txn = Txn::new().when(self.fence());
-        let mut records = vec![];
-        for (c, _, p) in &placed {
-            let t = &c.task;
-            let mut next = t.clone();
+        // (next record, its queue, the entry's id and revision, slot, placement):
+        // the records are moved, not cloned.
+        let mut started = Vec::with_capacity(placed.len());
+        for (c, slot_id, p) in placed {
+            let Chosen {
+                task: mut next,
+                task_rev,
+                queued,
+            } = c;
             next.state = TaskState::Running;
             next.attempt += 1;
             next.owner = Some(self.inner.cfg.id.clone());
@@ -425,19 +494,27 @@ impl OrderService {
                 outcome: None,
                 error: None,
             });
+            let task_key = keys::task(&next.id);
             txn = txn
-                .when(Compare::mod_revision(keys::task(&t.id), c.task_rev))
-                .when(Compare::mod_revision(&c.queued.key, c.queued.mod_revision))
+                .when(Compare::mod_revision(&task_key, task_rev))
+                .when(Compare::mod_revision(&queued.key, queued.mod_revision))
                 .then(Op::put(
-                    keys::task(&t.id),
+                    task_key,
                     serde_json::to_vec(&next).unwrap_or_default(),
                 ))
-                .then(Op::delete(&c.queued.key))
+                .then(Op::delete(queued.key))
                 .then(Op::put(
-                    keys::running(&self.inner.cfg.cluster, &tag, &t.id),
+                    keys::running(&self.inner.cfg.cluster, &tag, &next.id),
                     Vec::new(),
                 ));
-            records.push(next);
+            started.push((
+                next,
+                queued.entry.queue,
+                queued.id,
+                queued.mod_revision,
+                slot_id,
+                p,
+            ));
         }
         let result = self.inner.store.txn(txn).await;
         let rev = match result {
@@ -445,25 +522,25 @@ impl OrderService {
             other => {
                 // Someone else claimed one of them (or our registration changed):
                 // release every reservation and let the next round re-read.
-                for (_, slot_id, p) in &placed {
+                for (_, _, _, _, slot_id, p) in &started {
                     self.inner.nodes.abandon(&p.node_id, slot_id);
                 }
                 if let Err(e) = other {
                     return Err(e.into());
                 }
-                debug!(batch = placed.len(), "claim lost a race; retrying");
+                debug!(batch = started.len(), "claim lost a race; retrying");
                 return Ok(0);
             }
         };
-        let claimed: Vec<(&str, Revision)> = placed
+        let claimed: Vec<(&str, Revision)> = started
             .iter()
-            .map(|(c, _, _)| (c.queued.id.as_str(), c.queued.mod_revision))
+            .map(|(_, _, id, rev, _, _)| (id.as_str(), *rev))
             .collect();
         self.inner.queue.forget(&claimed);
-        let n = placed.len();
-        for ((c, slot_id, p), task) in placed.into_iter().zip(records) {
+        let n = started.len();
+        for (task, queue, _, _, slot_id, p) in started {
             let running_key = keys::running(&self.inner.cfg.cluster, &tag, &task.id);
-            self.start_task(task, c.queued.entry.queue, rev, slot_id, running_key, p);
+            self.start_task(task, queue, rev, slot_id, running_key, p);
         }
         Ok(n)
     }
@@ -605,9 +682,19 @@ impl OrderService {
         }
         task.owner = None;
         task.updated_ms = now;
-        let mut txn = Txn::new()
-            .when(Compare::mod_revision(keys::task(&task_id), expected_rev))
-            .then(Op::delete(keys::progress(&task_id)));
+        // A progress key is written only by the attempt's owner, fenced on its running
+        // key: when that is us and we never wrote one, there is none to delete.
+        let wrote_progress = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&task_id)
+            .is_none_or(|i| i.last_progress.is_some());
+        let mut txn = Txn::new().when(Compare::mod_revision(keys::task(&task_id), expected_rev));
+        if wrote_progress || !as_owner {
+            txn = txn.then(Op::delete(keys::progress(&task_id)));
+        }
         if as_owner {
             txn = txn.when(self.fence());
         }
