@@ -10,13 +10,7 @@ use serde_json::json;
 use crate::ClientArgs;
 use crate::client::connect;
 
-fn txt(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
+use crate::client::txt;
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());

@@ -9,11 +9,19 @@ use ferry_core::config::Env;
 use ferry_sdk::client::Client;
 
 /// A JSON value as plain text (strings unquoted), so table columns pad.
-fn txt(v: &serde_json::Value) -> String {
+pub(crate) fn txt(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
+    }
+}
+
+/// A table cell: [`txt`], with `-` for nothing.
+pub(crate) fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".into(),
+        other => txt(other),
     }
 }
 
@@ -136,6 +144,7 @@ pub async fn invoke(a: InvokeArgs, env: &Env) -> anyhow::Result<ExitCode> {
             idempotency_key: a.idempotency_key.clone(),
             callback_url: None,
             content_type: a.raw.then(|| "application/octet-stream".to_string()),
+            queue: a.queue.clone(),
         };
         let id = client
             .submit(&a.name, input, &opts)

@@ -45,6 +45,12 @@ pub async fn gateway(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     {
         cfg.idempotency_window = Duration::from_secs(secs);
     }
+    if let Some(secs) = env
+        .parse::<u64>("FERRY_RERUN_RETENTION_S")
+        .context("read FERRY_RERUN_RETENTION_S")?
+    {
+        cfg.rerun_retention = Duration::from_secs(secs);
+    }
     if let Some(allow) = env
         .parse::<bool>("FERRY_ALLOW_UNSIGNED_COMPAT")
         .context("read FERRY_ALLOW_UNSIGNED_COMPAT")?
@@ -81,11 +87,14 @@ pub async fn order_server(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if let Some(id) = s.id {
         cfg.id = id;
     }
-    let running = ferry_order_server::start(cfg, store)
+    let running = ferry_order_server::start(cfg, store.clone())
         .await
         .context("start the order-server")?;
     println!("order-server {} listening on {}", running.id, running.url);
+    let probe = crate::ops::Probe::store(store, vec![running.registry()]);
+    let ops = start_ops(s.ops_listen.as_deref(), probe).await?;
     crate::shutdown_signal().await;
+    stop_ops(ops);
     running.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -138,9 +147,15 @@ pub async fn order_client(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
         ..Default::default()
     })
     .context("start the runtime")?;
-    let running = ferry_order_client::start(cfg, store, runtime);
+    let running = ferry_order_client::start(cfg, store.clone(), runtime);
     println!("node agent {node_id} started");
+    let probe = match store {
+        Some(store) => crate::ops::Probe::store(store, vec![running.registry()]),
+        None => crate::ops::Probe::attached(running.registry()),
+    };
+    let ops = start_ops(s.ops_listen.as_deref(), probe).await?;
     crate::shutdown_signal().await;
+    stop_ops(ops);
     running.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -148,14 +163,36 @@ pub async fn order_client(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
 pub async fn cluster_scheduler(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let s = resolve_serve(&a, env)?;
     let store = open_store(&s).await?;
-    let running = ferry_cluster_scheduler::start(store)
+    let running = ferry_cluster_scheduler::start(store.clone())
         .await
         .context("start the cluster-scheduler")?;
     println!("cluster-scheduler publishing the routing table");
+    let probe = crate::ops::Probe::store(store, vec![running.registry()]);
+    let ops = start_ops(s.ops_listen.as_deref(), probe).await?;
     crate::shutdown_signal().await;
+    stop_ops(ops);
     running.shutdown();
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the ops endpoint when an address is configured.
+async fn start_ops(
+    addr: Option<&str>,
+    probe: crate::ops::Probe,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let (bound, task) = crate::ops::serve(socket_addr(addr)?, probe).await?;
+    println!("ops endpoint (/healthz, /readyz, /metrics) on http://{bound}");
+    Ok(Some(task))
+}
+
+fn stop_ops(ops: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(t) = ops {
+        t.abort();
+    }
 }
 
 /// A node keeps its id across restarts (kept in `DATA_DIR/node-id`), so the store has

@@ -17,6 +17,8 @@ pub mod bench_schedule;
 pub mod client;
 pub mod components;
 pub mod nodes;
+pub mod ops;
+pub mod queues;
 pub mod rerun;
 pub mod settings;
 pub mod up;
@@ -76,6 +78,11 @@ pub enum Command {
     /// Batch re-runs: `ferry rerun start transcode --state failed`, `ferry rerun status ID`.
     #[command(subcommand)]
     Rerun(rerun::RerunCommand),
+    /// Queues and their QPS, MRT and default class, with queued and running tasks.
+    Queues(ClientArgs),
+    /// Set or delete a queue (admin token): `ferry queue set acme.uploads --mrt 8`.
+    #[command(subcommand)]
+    Queue(queues::QueueCommand),
     /// Tenants and their limits (admin token).
     #[command(subcommand)]
     Tenants(admin::TenantsCommand),
@@ -114,6 +121,10 @@ pub struct ServeArgs {
     /// Listen address [env: FERRY_LISTEN]
     #[arg(long)]
     pub listen: Option<String>,
+    /// Order-server, node agent, cluster-scheduler: serve /healthz, /readyz and /metrics
+    /// here [env: FERRY_OPS_LISTEN] [default: off]
+    #[arg(long)]
+    pub ops_listen: Option<String>,
     /// Token (gateway: the admin token; node agent: to fetch packages) [env: FERRY_TOKEN]
     #[arg(long)]
     pub token: Option<String>,
@@ -192,9 +203,12 @@ pub struct InvokeArgs {
     /// With --async: wait for the task to end and print its output
     #[arg(long)]
     pub wait: bool,
-    /// With --async: critical, normal or batch
+    /// With --async: critical, normal or batch [default: the queue's class]
     #[arg(long)]
     pub priority: Option<String>,
+    /// With --async: the queue it waits in [default: default]
+    #[arg(long)]
+    pub queue: Option<String>,
     /// With --async: the same key within 24 h returns the same task
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -326,6 +340,8 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Bench(b) => bench::run(b, &env).await,
         Command::Alias(c) => alias::run(c, &env).await,
         Command::Rerun(c) => rerun::run(c, &env).await,
+        Command::Queues(a) => queues::list(a, &env).await,
+        Command::Queue(c) => queues::admin(c, &env).await,
         Command::Tenants(c) => admin::tenants(c, &env).await,
         Command::Keys(c) => admin::keys(c, &env).await,
     }

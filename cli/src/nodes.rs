@@ -9,7 +9,7 @@ use ferry_core::config::Env;
 use serde_json::Value;
 
 use crate::ClientArgs;
-use crate::client::connect;
+use crate::client::{cell, connect};
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum NodeCommand {
@@ -35,19 +35,11 @@ pub struct NodeAdminArgs {
     pub client: ClientArgs,
 }
 
-fn txt(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
 /// "used/total" of one resource.
 fn share(n: &Value, what: &str) -> String {
     match n["used"].get(what) {
-        Some(u) => format!("{}/{}", txt(u), txt(&n["capacity"][what])),
-        None => format!("-/{}", txt(&n["capacity"][what])),
+        Some(u) => format!("{}/{}", cell(u), cell(&n["capacity"][what])),
+        None => format!("-/{}", cell(&n["capacity"][what])),
     }
 }
 
@@ -58,14 +50,14 @@ fn breakers(n: &Value) -> String {
     if b.is_object() && b["state"] != "closed" {
         parts.push(format!(
             "node:{}({}ms,x{})",
-            txt(&b["state"]),
-            txt(&b["ejected_for_ms"]),
-            txt(&b["ejections"])
+            cell(&b["state"]),
+            cell(&b["ejected_for_ms"]),
+            cell(&b["ejections"])
         ));
     }
     for f in n["function_breakers"].as_array().into_iter().flatten() {
         if f["state"] != "closed" {
-            parts.push(format!("{}:{}", txt(&f["function"]), txt(&f["state"])));
+            parts.push(format!("{}:{}", cell(&f["function"]), cell(&f["state"])));
         }
     }
     if parts.is_empty() {
@@ -96,10 +88,10 @@ pub async fn list(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
         let running = n["running"].as_array().map(|r| r.len().to_string());
         println!(
             "{:<24} {:<8} {:<9} {:<8} {:>11} {:>13} {:>6} {:>4}  {:<14} {}",
-            txt(&n["id"]),
-            txt(&n["cluster"]),
-            txt(&n["state"]),
-            txt(&n["admin"]),
+            cell(&n["id"]),
+            cell(&n["cluster"]),
+            cell(&n["state"]),
+            cell(&n["admin"]),
             share(n, "cpu_millis"),
             share(n, "memory_mb"),
             share(n, "slots"),
@@ -137,9 +129,9 @@ pub async fn admin(cmd: NodeCommand, env: &Env) -> anyhow::Result<ExitCode> {
     } else {
         println!(
             "node {} in cluster {}: {}",
-            txt(&v["node"]),
-            txt(&v["cluster"]),
-            txt(&v["admin"])
+            cell(&v["node"]),
+            cell(&v["cluster"]),
+            cell(&v["admin"])
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -14,6 +14,9 @@ use crate::{ServeArgs, UpArgs};
 #[serde(default, deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    /// Order-server, node agent, cluster-scheduler: where /healthz, /readyz and
+    /// /metrics are served (off when unset).
+    pub ops_listen: Option<String>,
     pub store: Option<String>,
     pub token: Option<String>,
     pub data_dir: Option<PathBuf>,
@@ -70,6 +73,7 @@ pub fn resolve_serve(a: &ServeArgs, env: &Env) -> anyhow::Result<Settings> {
     let sched = scheduler(env, &f)?;
     Ok(FileConfig {
         listen: pick(a.listen.clone(), env, "FERRY_LISTEN", f.listen)?,
+        ops_listen: pick(a.ops_listen.clone(), env, "FERRY_OPS_LISTEN", f.ops_listen)?,
         store: pick(a.store.clone(), env, "FERRY_STORE", f.store)?,
         token: pick(a.token.clone(), env, "FERRY_TOKEN", f.token)?,
         data_dir: pick(a.data_dir.clone(), env, "FERRY_DATA_DIR", f.data_dir)?,

@@ -146,6 +146,7 @@ async fn the_order_server_refuses_calls_without_the_cluster_credential() {
         request_id: "x".into(),
         function: Some(spec),
         input: vec![],
+        env: vec![],
     };
     let status = os.invoke(req.clone()).await.unwrap_err();
     assert_eq!(

@@ -20,9 +20,13 @@ struct Answer {
 }
 
 async fn post(gw: &str, path: &str, key: &str, body: &str) -> Answer {
+    post_as(TOKEN, gw, path, key, body).await
+}
+
+async fn post_as(token: &str, gw: &str, path: &str, key: &str, body: &str) -> Answer {
     let r = reqwest::Client::new()
         .post(format!("{gw}{path}"))
-        .bearer_auth(TOKEN)
+        .bearer_auth(token)
         .header("idempotency-key", key)
         .header("content-type", "application/json")
         .body(body.to_string())
@@ -208,4 +212,102 @@ async fn idempotent_repeats_hold_across_two_gateways_and_a_restart() {
     assert_eq!(done["output"]["n"], 4, "{done}");
     assert_eq!(runs(), 3, "the task ran once");
     drop(gw1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_reruns_past_their_window_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, admin) = common::start_cluster(dir.path(), 1).await;
+    admin
+        .deploy("hello", common::hello_package().1)
+        .await
+        .unwrap();
+    let url = &cluster.url;
+    let a = post_as(
+        "test-token",
+        url,
+        "/v1/functions/hello/tasks",
+        "k-a",
+        r#"{"name":"a"}"#,
+    )
+    .await;
+    assert_eq!(a.status, 202);
+    let a: serde_json::Value = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(
+        post_as(
+            "test-token",
+            url,
+            "/v1/functions/hello/invoke",
+            "k-s",
+            r#"{"name":"s"}"#
+        )
+        .await
+        .status,
+        200
+    );
+    admin
+        .wait(a["task_id"].as_str().unwrap(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let rerun = admin
+        .post_json("/v1/reruns", &serde_json::json!({ "function": "hello" }))
+        .await
+        .unwrap();
+    let rerun_url = format!("/v1/reruns/{}", rerun["id"].as_str().unwrap());
+
+    // Within their windows nothing goes.
+    let store = cluster.store.as_ref();
+    let day = Duration::from_secs(24 * 3600);
+    use ferry_gateway::sweep::sweep;
+    assert_eq!(
+        sweep(store, ferry_core::keys::IDEMPOTENCY, day)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        sweep(store, ferry_core::keys::RERUNS, day).await.unwrap(),
+        0
+    );
+    let again = post_as(
+        "test-token",
+        url,
+        "/v1/functions/hello/tasks",
+        "k-a",
+        r#"{"name":"a"}"#,
+    )
+    .await;
+    let again: serde_json::Value = serde_json::from_slice(&again.body).unwrap();
+    assert_eq!(again["task_id"], a["task_id"], "still the same task");
+
+    // Past them: both idempotency entries and the re-run are removed ...
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let zero = Duration::ZERO;
+    assert_eq!(
+        sweep(store, ferry_core::keys::IDEMPOTENCY, zero)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        sweep(store, ferry_core::keys::RERUNS, zero).await.unwrap(),
+        1
+    );
+    assert!(matches!(
+        admin.get_json(&rerun_url).await,
+        Err(ferry_sdk::client::ClientError::Api { status: 404, .. })
+    ));
+    // ... and the key is free again: a new task.
+    let fresh = post_as(
+        "test-token",
+        url,
+        "/v1/functions/hello/tasks",
+        "k-a",
+        r#"{"name":"a"}"#,
+    )
+    .await;
+    let fresh: serde_json::Value = serde_json::from_slice(&fresh.body).unwrap();
+    assert_ne!(fresh["task_id"], a["task_id"]);
+    assert_eq!(fresh["idempotent_replay"], false);
+    cluster.shutdown().await;
 }

@@ -88,8 +88,41 @@ async fn openfaas_sync_and_async_with_a_callback() {
         )
         .await
         .unwrap();
+    // Prints what OpenFaaS's classic watchdog would hand it: the request as Http_ vars.
+    let echo_env = "#!/bin/sh\nprintf '%s|%s|%s|%s|%s|%s' \"$Http_Method\" \"$Http_Path\" \"$Http_Query\" \"$Http_X_Trace_Id\" \"$Http_Content_Type\" \"${Http_Authorization:-none}\"\n";
+    admin
+        .deploy("faas.env", common::native_package("env", echo_env, ""))
+        .await
+        .unwrap();
     let http = reqwest::Client::new();
     let url = &cluster.url;
+
+    // The method, sub-path, query and headers reach the function; the key does not.
+    let r = http
+        .patch(format!("{url}/function/env/videos/42?lang=en&x=1"))
+        .bearer_auth(&key)
+        .header("x-trace-id", "abc-123")
+        .header("content-type", "text/plain")
+        .body("hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        String::from_utf8_lossy(&r.bytes().await.unwrap()),
+        "PATCH|/videos/42|lang=en&x=1|abc-123|text/plain|none"
+    );
+    let r = http
+        .get(format!("{url}/function/env"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.bytes().await.unwrap()),
+        "GET|/||||none",
+        "no sub-path is /, no query is empty"
+    );
 
     // Sync: the body in, the output out, with a call id.
     let r = http

@@ -64,12 +64,77 @@ pub fn build_table(servers: &[OrderServerRecord], settings: &[ClusterRecord]) ->
     RoutingTable { clusters }
 }
 
+/// The cluster-scheduler's metrics, `ferry_cluster_scheduler_…`.
+struct Metrics {
+    registry: prometheus::Registry,
+    publishes: prometheus::IntCounter,
+    failures: prometheus::IntCounter,
+    /// Per cluster: live order-servers and attached nodes, as last published.
+    servers: prometheus::IntGaugeVec,
+    nodes: prometheus::IntGaugeVec,
+}
+
+impl Metrics {
+    #[allow(clippy::expect_used)] // Static metric definitions: a failure is a programming error.
+    fn new() -> Self {
+        use prometheus::{IntCounter, IntGaugeVec, Opts};
+        let registry = prometheus::Registry::new();
+        let publishes = IntCounter::new(
+            "ferry_cluster_scheduler_publishes_total",
+            "Routing tables written (only changes are written)",
+        )
+        .expect("valid metric");
+        let failures = IntCounter::new(
+            "ferry_cluster_scheduler_publish_failures_total",
+            "Routing table writes that failed (retried)",
+        )
+        .expect("valid metric");
+        let servers = IntGaugeVec::new(
+            Opts::new(
+                "ferry_cluster_scheduler_order_servers",
+                "Live order-server instances per cluster",
+            ),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        let nodes = IntGaugeVec::new(
+            Opts::new(
+                "ferry_cluster_scheduler_nodes",
+                "Node agents attached per cluster",
+            ),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(publishes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(failures.clone()),
+            Box::new(servers.clone()),
+            Box::new(nodes.clone()),
+        ] {
+            registry.register(m).expect("metric registered once");
+        }
+        Self {
+            registry,
+            publishes,
+            failures,
+            servers,
+            nodes,
+        }
+    }
+}
+
 /// A running cluster-scheduler.
 pub struct Running {
     task: tokio::task::JoinHandle<()>,
+    registry: prometheus::Registry,
 }
 
 impl Running {
+    /// Its metrics (`ferry_cluster_scheduler_…`).
+    pub fn registry(&self) -> prometheus::Registry {
+        self.registry.clone()
+    }
+
     pub fn shutdown(self) {
         self.task.abort();
     }
@@ -79,11 +144,14 @@ impl Running {
 pub async fn start(store: Arc<dyn Store>) -> Result<Running, StoreError> {
     let servers = WatchCache::start(store.clone(), keys::ORDER_SERVERS).await?;
     let clusters = WatchCache::start(store.clone(), keys::CLUSTERS).await?;
+    let metrics = Metrics::new();
+    let registry = metrics.registry.clone();
     let task = tokio::spawn(async move {
         let mut a = servers.changes();
         let mut b = clusters.changes();
         loop {
-            if let Err(e) = publish(store.as_ref(), &servers, &clusters).await {
+            if let Err(e) = publish(store.as_ref(), &servers, &clusters, &metrics).await {
+                metrics.failures.inc();
                 warn!(error = %e, "cannot publish the routing table; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
@@ -94,13 +162,14 @@ pub async fn start(store: Arc<dyn Store>) -> Result<Running, StoreError> {
             }
         }
     });
-    Ok(Running { task })
+    Ok(Running { task, registry })
 }
 
 async fn publish(
     store: &dyn Store,
     servers: &WatchCache,
     clusters: &WatchCache,
+    metrics: &Metrics,
 ) -> Result<(), StoreError> {
     let live: Vec<OrderServerRecord> = servers
         .snapshot()
@@ -117,6 +186,19 @@ async fn publish(
     let current = store.get(keys::ROUTING).await?;
     if current.as_ref().map(|kv| &kv.value) != Some(&value) {
         store.put(keys::ROUTING, value, 0).await?;
+        metrics.publishes.inc();
+        metrics.servers.reset();
+        metrics.nodes.reset();
+        for c in &table.clusters {
+            metrics
+                .servers
+                .with_label_values(&[c.name.as_str()])
+                .set(c.order_servers.len() as i64);
+            metrics
+                .nodes
+                .with_label_values(&[c.name.as_str()])
+                .set(i64::from(c.nodes));
+        }
         let summary: Vec<String> = table
             .clusters
             .iter()

@@ -65,6 +65,16 @@ pub enum Priority {
 }
 
 impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Critical, Priority::Normal, Priority::Batch];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Critical => "critical",
+            Self::Normal => "normal",
+            Self::Batch => "batch",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "critical" => Some(Self::Critical),
@@ -281,6 +291,20 @@ impl TaskRecord {
             queue: self.queue.clone(),
         }
     }
+}
+
+/// The value of a running key (`/ferry/running/…`): the task's class and queue, so
+/// running counts per queue and class are read without reading the tasks.
+pub fn running_mark(priority: Priority, queue: &str) -> Vec<u8> {
+    format!("{} {queue}", priority.as_str()).into_bytes()
+}
+
+/// The class and queue of a running key's value (`None` for marks from before
+/// queues, which were empty).
+pub fn parse_running_mark(v: &[u8]) -> Option<(Priority, &str)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (p, q) = s.split_once(' ')?;
+    Some((Priority::parse(p)?, q))
 }
 
 /// The latest progress of a running attempt (`/ferry/progress/{id}`).
@@ -522,6 +546,14 @@ mod tests {
     #[test]
     fn priorities_order_most_important_first() {
         assert!(Priority::Critical < Priority::Normal && Priority::Normal < Priority::Batch);
+        for p in Priority::ALL {
+            assert_eq!(Priority::parse(p.as_str()), Some(p));
+            assert_eq!(
+                parse_running_mark(&running_mark(p, "acme.q")),
+                Some((p, "acme.q"))
+            );
+        }
+        assert_eq!(parse_running_mark(b""), None);
         assert_eq!(TaskState::parse("timed_out"), Some(TaskState::TimedOut));
     }
 }

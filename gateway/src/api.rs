@@ -55,6 +55,13 @@ fn native_routes() -> Routes {
         ("/v1/tasks", get(crate::tasks::list)),
         ("/v1/tasks/{id}", get(crate::tasks::get)),
         ("/v1/tasks/{id}/cancel", post(crate::tasks::cancel)),
+        ("/v1/queues", get(crate::queues::list)),
+        (
+            "/v1/queues/{name}",
+            get(crate::queues::get)
+                .put(crate::queues::set)
+                .delete(crate::queues::delete),
+        ),
         ("/v1/reruns", post(crate::reruns::create)),
         ("/v1/reruns/{id}", get(crate::reruns::get)),
         ("/v1/packages/{sha256}", get(get_package)),
@@ -159,11 +166,8 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
         .unwrap_or_else(ferry_core::id::new_id);
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
     let method = req.method().clone();
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).await;
@@ -182,14 +186,13 @@ async fn observe(State(st): St, mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    let code = resp.status().as_u16().to_string();
     st.metrics
         .requests
-        .with_label_values(&[&route, &code])
+        .with_label_values(&[route, resp.status().as_str()])
         .inc();
     st.metrics
         .latency
-        .with_label_values(&[&route])
+        .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     resp
 }
@@ -201,6 +204,16 @@ async fn auth(State(st): St, mut req: Request, next: Next) -> Response {
         return ApiError::new(ErrorCode::Unauthorized, "missing or invalid bearer token")
             .into_response();
     };
+    // An invocation or a submission is held to the tenant's rate here, first thing.
+    let invocation = req.extensions().get::<MatchedPath>().is_some_and(|p| {
+        matches!(
+            p.as_str(),
+            "/v1/functions/{name}/invoke" | "/v1/functions/{name}/tasks"
+        )
+    });
+    if invocation && let Err(t) = st.limiter.admit_tenant(&principal) {
+        return throttled(&st, t);
+    }
     req.extensions_mut().insert(principal);
     next.run(req).await
 }
@@ -244,6 +257,24 @@ async fn readyz(State(st): St) -> Response {
 }
 
 async fn metrics(State(st): St) -> Response {
+    // Queue depth and running tasks, read now (a scrape every few seconds at most).
+    match crate::queues::counts(st.store.as_ref()).await {
+        Ok(counts) => {
+            let g = &st.metrics.queue_tasks;
+            g.reset();
+            for (queue, c) in &counts {
+                let queue = if queue.is_empty() { "default" } else { queue };
+                for p in ferry_core::task::Priority::ALL {
+                    let i = p as usize;
+                    g.with_label_values(&[queue, p.as_str(), "queued"])
+                        .set(c.queued[i] as i64);
+                    g.with_label_values(&[queue, p.as_str(), "running"])
+                        .set(c.running[i] as i64);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading queue depths for /metrics failed"),
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(),
@@ -612,7 +643,15 @@ async fn invoke(
     let qualified = q.version.map_or(qualified, Qualifier::Version);
     let log_tail = headers.get("x-ferry-log").is_some_and(|v| v == "tail");
     invoke_sync(
-        &st, &who, &rid.0, shown_name, &qualified, &headers, body, log_tail,
+        &st,
+        &who,
+        &rid.0,
+        shown_name,
+        &qualified,
+        &headers,
+        body,
+        log_tail,
+        vec![],
     )
     .await
 }
@@ -631,11 +670,12 @@ pub(crate) async fn invoke_sync(
     headers: &HeaderMap,
     body: Body,
     log_tail: bool,
+    env: Vec<ferry_core::proto::EnvVar>,
 ) -> ApiResult<Response> {
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
     let (version, alias) = st.catalog.resolve(fname, qualified).await?;
-    if let Err(t) = st.limiter.admit(who, fname) {
+    if let Err(t) = st.limiter.admit_function(who, fname) {
         return Ok(throttled(st, t));
     }
     let _in_flight = match st.limiter.enter(who, fname) {
@@ -654,6 +694,7 @@ pub(crate) async fn invoke_sync(
         alias: alias.as_deref(),
         request_id,
         log_tail,
+        env: &env,
     };
     let Some(key) = crate::idempotency::key_from(headers)? else {
         return Ok(call.run(input).await);
@@ -685,6 +726,7 @@ struct Call<'a> {
     alias: Option<&'a str>,
     request_id: &'a str,
     log_tail: bool,
+    env: &'a [ferry_core::proto::EnvVar],
 }
 
 impl Call<'_> {
@@ -698,10 +740,17 @@ impl Call<'_> {
             alias,
             request_id,
             log_tail,
+            env,
         } = *self;
         let reply = st
             .router
-            .invoke(version.spec(), input, request_id, st.cfg.invoke_grace)
+            .invoke(
+                version.spec(),
+                input,
+                request_id,
+                st.cfg.invoke_grace,
+                env.to_vec(),
+            )
             .await;
         let ver = version.version.to_string();
         let reply = match reply {

@@ -222,6 +222,12 @@ pub async fn invoke(
         .get("x-amz-invocation-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("RequestResponse");
+    // An invocation is held to the tenant's rate first (a dry run is not one).
+    if matches!(kind, "Event" | "RequestResponse")
+        && let Err(t) = st.limiter.admit_tenant(&who)
+    {
+        return from_native(crate::api::throttled(&st, t)).await;
+    }
     match kind {
         "DryRun" => match st.catalog.resolve(&who.internal(name), &qualified).await {
             Ok(_) => StatusCode::NO_CONTENT.into_response(),
@@ -265,6 +271,7 @@ pub async fn invoke(
                 &headers,
                 Body::from(body),
                 tail,
+                vec![],
             )
             .await
             {

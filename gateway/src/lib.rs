@@ -27,9 +27,11 @@ mod metrics;
 mod nodes;
 pub mod openapi;
 mod openfaas;
+mod queues;
 mod reruns;
 mod routing;
 mod sigv4;
+pub mod sweep;
 mod tasks;
 mod tenancy;
 
@@ -54,8 +56,11 @@ pub struct Config {
     pub max_unpacked: u64,
     /// Time allowed on top of a function's own timeout (queueing, fetch, compile).
     pub invoke_grace: Duration,
-    /// How long an `Idempotency-Key` answers with its first call's task or result.
+    /// How long an `Idempotency-Key` answers with its first call's task or result;
+    /// entries older than this are removed.
     pub idempotency_window: Duration,
+    /// How long a batch re-run's record is kept (its tasks follow task retention).
+    pub rerun_retention: Duration,
     /// Accept unsigned requests on the compatibility paths (Lambda, OpenFaaS), acting
     /// with the admin scope. Only for a gateway no untrusted caller can reach.
     pub allow_unsigned_compat: bool,
@@ -74,6 +79,7 @@ impl Default for Config {
             max_unpacked: 1 << 30,
             invoke_grace: Duration::from_secs(30),
             idempotency_window: Duration::from_secs(24 * 3600),
+            rerun_retention: Duration::from_secs(7 * 24 * 3600),
             allow_unsigned_compat: false,
         }
     }
@@ -101,6 +107,7 @@ pub(crate) struct AppState {
     pub catalog: Arc<catalog::Catalog>,
     pub directory: Arc<tenancy::Directory>,
     pub limiter: Arc<limits::Limiter>,
+    pub queues: queues::Queues,
     pub router: routing::Router,
     pub blobs: blobs::Blobs,
     pub metrics: metrics::Metrics,
@@ -159,10 +166,21 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         catalog,
         directory: tenancy::Directory::start(store.clone()).await?,
         limiter: Arc::default(),
+        queues: queues::Queues::start(store.clone()).await?,
         router: routing::Router::new(&cfg.token).map_err(|e| GatewayError::BadToken(e.message))?,
         metrics: metrics::Metrics::new(),
     });
     let mut tasks = vec![];
+
+    // Forget idempotency keys and re-runs past their windows.
+    let every = (cfg.idempotency_window.min(cfg.rerun_retention) / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(600));
+    tasks.push(tokio::spawn(sweep::run(
+        store.clone(),
+        cfg.idempotency_window,
+        cfg.rerun_retention,
+        every,
+    )));
 
     // Follow the routing table.
     let routing = WatchCache::start(store.clone(), keys::ROUTING).await?;

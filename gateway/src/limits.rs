@@ -19,6 +19,7 @@ pub enum Reason {
     TenantQps,
     FunctionQps,
     FunctionConcurrency,
+    QueueQps,
 }
 
 impl Reason {
@@ -27,6 +28,7 @@ impl Reason {
             Reason::TenantQps => "tenant_qps",
             Reason::FunctionQps => "function_qps",
             Reason::FunctionConcurrency => "function_concurrency",
+            Reason::QueueQps => "queue_qps",
         }
     }
 }
@@ -113,15 +115,27 @@ impl Limiter {
         }
     }
 
-    /// Admits one invocation of `function` (its internal name) for `who`: the tenant's
-    /// bucket, then the function's. The admin token is not limited.
-    pub fn admit(&self, who: &Principal, function: &str) -> Result<(), Throttled> {
-        let Some(t) = who.tenant() else {
-            return Ok(());
-        };
-        self.admit_with(&t.id, &t.limits, function, Instant::now())
+    /// Admits one invocation by `who` against its tenant's bucket. Called as soon as
+    /// the caller is known, before the request is read further, so refusing a tenant
+    /// over its rate costs as little as possible. The admin token is not limited.
+    pub fn admit_tenant(&self, who: &Principal) -> Result<(), Throttled> {
+        match who.tenant() {
+            Some(t) => self.tenant_with(&t.id, &t.limits, Instant::now()),
+            None => Ok(()),
+        }
     }
 
+    /// Admits one invocation of `function` (its internal name) against the function's
+    /// bucket, once [`Limiter::admit_tenant`] admitted it; a refusal gives the tenant
+    /// its token back.
+    pub fn admit_function(&self, who: &Principal, function: &str) -> Result<(), Throttled> {
+        match who.tenant() {
+            Some(t) => self.function_with(&t.id, &t.limits, function, Instant::now()),
+            None => Ok(()),
+        }
+    }
+
+    #[cfg(test)]
     fn admit_with(
         &self,
         tenant: &str,
@@ -129,23 +143,40 @@ impl Limiter {
         function: &str,
         now: Instant,
     ) -> Result<(), Throttled> {
-        let tenant_key = l
-            .qps
-            .map(|rate| (format!("t/{tenant}"), rate, bucket_size(rate, l.burst)));
-        if let Some((key, rate, size)) = &tenant_key {
-            self.take(key, *rate, *size, now)
+        self.tenant_with(tenant, l, now)?;
+        self.function_with(tenant, l, function, now)
+    }
+
+    fn tenant_key(tenant: &str, l: &TenantLimits) -> Option<(String, f64, f64)> {
+        l.qps
+            .map(|rate| (format!("t/{tenant}"), rate, bucket_size(rate, l.burst)))
+    }
+
+    fn tenant_with(&self, tenant: &str, l: &TenantLimits, now: Instant) -> Result<(), Throttled> {
+        if let Some((key, rate, size)) = Self::tenant_key(tenant, l) {
+            self.take(&key, rate, size, now)
                 .map_err(|retry_after| Throttled {
                     reason: Reason::TenantQps,
                     retry_after,
                     message: format!("over this tenant's limit of {rate} requests/s"),
                 })?;
         }
+        Ok(())
+    }
+
+    fn function_with(
+        &self,
+        tenant: &str,
+        l: &TenantLimits,
+        function: &str,
+        now: Instant,
+    ) -> Result<(), Throttled> {
         if let Some(rate) = l.function_qps {
             let size = bucket_size(rate, None);
             let key = format!("f/{function}");
             if let Err(retry_after) = self.take(&key, rate, size, now) {
-                if let Some((key, _, size)) = &tenant_key {
-                    self.refund(key, *size);
+                if let Some((key, _, size)) = Self::tenant_key(tenant, l) {
+                    self.refund(&key, size);
                 }
                 return Err(Throttled {
                     reason: Reason::FunctionQps,
@@ -155,6 +186,21 @@ impl Limiter {
             }
         }
         Ok(())
+    }
+
+    /// Admits one submission to queue `q` (every caller, the admin token too: the
+    /// queue's rate is the queue's, whoever fills it).
+    pub fn admit_queue(&self, q: &ferry_core::model::QueueRecord) -> Result<(), Throttled> {
+        let Some(rate) = q.qps else {
+            return Ok(());
+        };
+        let key = format!("q/{}", q.name);
+        self.take(&key, rate, bucket_size(rate, q.burst), Instant::now())
+            .map_err(|retry_after| Throttled {
+                reason: Reason::QueueQps,
+                retry_after,
+                message: format!("over this queue's limit of {rate} submissions/s"),
+            })
     }
 
     /// Counts a synchronous invocation in flight until the guard drops; refuses one

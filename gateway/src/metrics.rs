@@ -1,7 +1,7 @@
 //! Prometheus metrics, `ferry_gateway_…`.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -11,6 +11,8 @@ pub struct Metrics {
     pub invocations: IntCounterVec,
     pub cold_starts: IntCounterVec,
     pub rejections: IntCounterVec,
+    /// Set at each scrape from the store: tasks by queue, priority and state.
+    pub queue_tasks: IntGaugeVec,
 }
 
 impl Metrics {
@@ -56,9 +58,17 @@ impl Metrics {
         let rejections = IntCounterVec::new(
             Opts::new(
                 "ferry_gateway_rejections_total",
-                "Requests refused by a limit, by reason (tenant_qps, function_qps, function_concurrency)",
+                "Requests refused by a limit, by reason (tenant_qps, function_qps, function_concurrency, queue_qps)",
             ),
             &["reason"],
+        )
+        .expect("valid metric");
+        let queue_tasks = IntGaugeVec::new(
+            Opts::new(
+                "ferry_gateway_queue_tasks",
+                "Async tasks by queue, priority class and state (queued, running), across clusters",
+            ),
+            &["queue", "priority", "state"],
         )
         .expect("valid metric");
         for m in [
@@ -67,6 +77,7 @@ impl Metrics {
             Box::new(invocations.clone()),
             Box::new(cold_starts.clone()),
             Box::new(rejections.clone()),
+            Box::new(queue_tasks.clone()),
         ] {
             registry.register(m).expect("metric registered once");
         }
@@ -77,6 +88,7 @@ impl Metrics {
             invocations,
             cold_starts,
             rejections,
+            queue_tasks,
         }
     }
 

@@ -148,7 +148,9 @@ pub fn document() -> Value {
                     "parameters": [
                         name(),
                         param("Idempotency-Key", "header", "the same key returns the same task"),
-                        param("X-Ferry-Priority", "header", "critical, normal or batch"),
+                        param("X-Ferry-Priority", "header", "critical, normal or batch (default: the queue's class)"),
+                        param("X-Ferry-Queue", "header", "the queue it waits in (default `default`); same as ?queue="),
+                        param("queue", "query", "the queue it waits in"),
                         param("X-Ferry-Callback-Url", "header", "stored with the task"),
                     ],
                     "requestBody": {"description": "the task's input (≤ 1 MiB)", "content": {"application/json": {}, "application/octet-stream": {}}},
@@ -181,8 +183,16 @@ pub fn document() -> Value {
                     },
                 },
             },
+            "/v1/queues": {
+                "get": op("Queues the caller may use, with queued and running counts", vec![], None, "200", "{queues: [{name, priority, qps, burst, mrt, queued, queued_by_priority, running, configured}]}"),
+            },
+            "/v1/queues/{name}": {
+                "get": op("One queue", vec![param("name", "path", "queue name (admin: TENANT.NAME for a tenant's)")], None, "200", "the queue"),
+                "put": op("Create or replace a queue (admin token)", vec![param("name", "path", "NAME or TENANT.NAME")], Some(json_body("{qps?, burst?, mrt?, priority?, description?}")), "201", "the queue (200 when replaced)"),
+                "delete": op("Delete a queue (admin token); its tasks fall back to the defaults", vec![param("name", "path", "NAME or TENANT.NAME")], None, "200", "{deleted}"),
+            },
             "/v1/reruns": {
-                "post": op("Re-run a function's tasks selected by version, state and time, on the batch priority", vec![], Some(json_body("{function, version?, state?, since_ms?, until_ms?, limit?}")), "202", "{id, selected, status_url, tasks}"),
+                "post": op("Re-run a function's tasks selected by version, state and time, in the `reruns` queue (batch class, its own MRT) or the one named", vec![], Some(json_body("{function, version?, state?, since_ms?, until_ms?, limit?, queue?}")), "202", "{id, selected, status_url, tasks}"),
             },
             "/v1/reruns/{id}": {
                 "get": op("A re-run's progress", vec![param("id", "path", "re-run id")], None, "200", "{selected, finished, done, states}"),

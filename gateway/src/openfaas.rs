@@ -73,6 +73,61 @@ fn error_text(e: &Error) -> Response {
     text(status, &e.message)
 }
 
+/// Headers passed on at most (more are dropped), and the longest value passed.
+const MAX_ENV_HEADERS: usize = 64;
+const MAX_ENV_VALUE: usize = 4096;
+
+/// The request as OpenFaaS's classic watchdog hands it to a process: `Http_Method`,
+/// `Http_Path` (what follows `/function/{name}`, from `/`), `Http_Query` (raw) and
+/// each header as `Http_<Canonical_Name>` (`X-Trace-Id` → `Http_X_Trace_Id`). Ferry's
+/// own credentials (`Authorization`, `Cookie`) are not passed to the function.
+fn request_env(
+    method: &axum::http::Method,
+    sub_path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Vec<ferry_core::proto::EnvVar> {
+    let var = |name: String, value: &str| ferry_core::proto::EnvVar {
+        name,
+        value: value.chars().take(MAX_ENV_VALUE).collect(),
+    };
+    let mut env = vec![
+        var("Http_Method".into(), method.as_str()),
+        var("Http_Path".into(), &format!("/{sub_path}")),
+    ];
+    if let Some(q) = query {
+        env.push(var("Http_Query".into(), q));
+    }
+    for (k, v) in headers.iter().take(MAX_ENV_HEADERS) {
+        if k == header::AUTHORIZATION || k == header::COOKIE {
+            continue;
+        }
+        let Ok(v) = v.to_str() else { continue };
+        let canonical: Vec<String> = k
+            .as_str()
+            .split('-')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let mut c = p.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect();
+        env.push(var(format!("Http_{}", canonical.join("_")), v));
+    }
+    env
+}
+
+/// A caller over its tenant's rate, as OpenFaaS answers it.
+fn refused(st: &AppState, t: crate::limits::Throttled) -> Response {
+    let r = crate::api::throttled(st, t);
+    match r.extensions().get::<Error>() {
+        Some(e) => error_text(e),
+        None => r,
+    }
+}
+
 /// `ANY /function/{name}`.
 pub async fn sync(
     State(st): State<Arc<AppState>>,
@@ -89,6 +144,15 @@ pub async fn sync(
     let Some(who) = who(&st, &parts.headers) else {
         return unauthorized();
     };
+    let sub_path = params
+        .iter()
+        .find(|(k, _)| k == "path")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    if let Err(t) = st.limiter.admit_tenant(&who) {
+        return refused(&st, t);
+    }
+    let env = request_env(&parts.method, sub_path, parts.uri.query(), &parts.headers);
     let (shown, qualified) = split_qualifier(&name);
     let started = std::time::Instant::now();
     let resp = match invoke_sync(
@@ -100,6 +164,7 @@ pub async fn sync(
         &parts.headers,
         body,
         false,
+        env,
     )
     .await
     {
@@ -153,6 +218,9 @@ pub async fn submit(
     let Some(who) = who(&st, &parts.headers) else {
         return unauthorized();
     };
+    if let Err(t) = st.limiter.admit_tenant(&who) {
+        return refused(&st, t);
+    }
     let mut headers = parts.headers.clone();
     if let Some(url) = parts.headers.get("x-callback-url") {
         headers.insert("x-ferry-callback-url", url.clone());

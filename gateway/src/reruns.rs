@@ -1,7 +1,8 @@
 //! Batch re-runs: `POST /v1/reruns` selects a function's tasks (by version, state and
-//! creation time) and submits each one's input again as a new task on the `batch`
-//! priority class, which order-servers claim after online work; `GET /v1/reruns/{id}`
-//! tracks the new tasks.
+//! creation time) and submits each one's input again as a new task in the `reruns`
+//! queue (or the one named): batch priority class, which order-servers claim after
+//! online work, and its own MRT, so a big re-run never takes every node; `GET
+//! /v1/reruns/{id}` tracks the new tasks.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ferry_core::model::RerunRecord;
-use ferry_core::task::{Priority, TaskRecord, TaskState};
+use ferry_core::task::{TaskRecord, TaskState};
 use ferry_core::{Error, ErrorCode, keys};
 use ferry_store::{Compare, Op, Txn};
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,9 @@ struct Selection {
     until_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     limit: Option<usize>,
+    /// The queue the new tasks wait in (default `reruns`: batch class, its own MRT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    queue: Option<String>,
 }
 
 pub async fn create(
@@ -66,6 +70,14 @@ pub async fn create(
     let limit = sel.limit.unwrap_or(1000).clamp(1, MAX_SELECTED);
     let internal = who.internal(&sel.function);
     st.catalog.function(&internal).await?;
+    let queue = st.queues.resolve(
+        &who,
+        Some(
+            sel.queue
+                .as_deref()
+                .unwrap_or(ferry_core::model::RERUN_QUEUE),
+        ),
+    )?;
     // Oldest first, so the re-run keeps the original order.
     let selected: Vec<TaskRecord> = st
         .store
@@ -101,11 +113,12 @@ pub async fn create(
                 ferry_core::id::new_id(),
                 old.version.clone(),
                 cluster.clone(),
-                Priority::Batch,
+                queue.priority,
                 old.input.clone(),
                 now,
             );
             t.request_id = rid.0.clone();
+            t.queue = queue.name.clone();
             let tkey = keys::task(&t.id);
             txn = txn
                 .when(Compare::absent(&tkey))

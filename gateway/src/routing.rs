@@ -187,6 +187,7 @@ impl Router {
         input: bytes::Bytes,
         request_id: &str,
         grace: Duration,
+        env: Vec<ferry_core::proto::EnvVar>,
     ) -> Result<InvokeReply, Error> {
         let candidates = self.candidates();
         if candidates.is_empty() {
@@ -200,6 +201,7 @@ impl Router {
             request_id: request_id.to_string(),
             function: Some(spec),
             input: input.to_vec(),
+            env,
         };
         let mut last = None;
         for server in candidates.iter().take(3) {

@@ -46,6 +46,9 @@ pub fn view(who: &Principal, t: &TaskRecord) -> serde_json::Value {
         "created_ms": t.created_ms,
         "updated_ms": t.updated_ms,
     });
+    if !t.queue.is_empty() {
+        v["queue"] = json!(who.external(&t.queue));
+    }
     if t.cancel_requested && !t.state.is_final() {
         v["cancel_requested"] = json!(true);
     }
@@ -82,14 +85,28 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
+#[derive(Deserialize)]
+pub struct SubmitQuery {
+    queue: Option<String>,
+}
+
 pub async fn submit(
     State(st): State<Arc<AppState>>,
     who: Who,
     axum::Extension(rid): axum::Extension<RequestId>,
     Path(name): Path<String>,
-    headers: HeaderMap,
+    Query(q): Query<SubmitQuery>,
+    mut headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    // `?queue=` is the same as `X-Ferry-Queue` (the header wins).
+    if let Some(queue) = q.queue
+        && !headers.contains_key("x-ferry-queue")
+    {
+        let v = HeaderValue::from_str(&queue)
+            .map_err(|_| ApiError::new(ErrorCode::BadRequest, "queue: not a valid name"))?;
+        headers.insert("x-ferry-queue", v);
+    }
     let (shown_name, qualified) = split_qualifier(&name);
     submit_task(
         &st,
@@ -121,7 +138,13 @@ pub(crate) async fn submit_task(
     let internal = who.internal(shown_name);
     let fname = internal.as_str();
     let (version, _alias) = st.catalog.resolve(fname, qualified).await?;
-    if let Err(t) = st.limiter.admit(who, fname) {
+    let queue = st
+        .queues
+        .resolve(who, header_str(headers, "x-ferry-queue"))?;
+    if let Err(t) = st.limiter.admit_function(who, fname) {
+        return Ok(crate::api::throttled(st, t));
+    }
+    if let Err(t) = st.limiter.admit_queue(&queue) {
         return Ok(crate::api::throttled(st, t));
     }
     let input = read_body(headers, body, who.max_body(MAX_TASK_INPUT)).await?;
@@ -129,7 +152,7 @@ pub(crate) async fn submit_task(
         parse_json::<serde::de::IgnoredAny>(&input)?;
     }
     let priority = match header_str(headers, "x-ferry-priority") {
-        None => Priority::Normal,
+        None => queue.priority,
         Some(p) => Priority::parse(p).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::BadRequest,
@@ -169,6 +192,7 @@ pub(crate) async fn submit_task(
     task.callback_url = callback_url;
     task.callback_style = callback_style;
     task.request_id = request_id.to_string();
+    task.queue = queue.name;
     let body_sha256 = ferry_core::id::sha256_hex(&input);
     let tkey = keys::task(&task.id);
     let base = Txn::new()

@@ -18,6 +18,7 @@ use ferry_core::proto::{
     node_message, server_message,
 };
 pub mod gpu;
+mod metrics;
 
 use ferry_core::{Error, ErrorCode, keys};
 use ferry_runtime::Runtime;
@@ -108,9 +109,15 @@ pub struct Running {
     pub node_id: String,
     stop: watch::Sender<bool>,
     join: tokio::task::JoinHandle<()>,
+    metrics: prometheus::Registry,
 }
 
 impl Running {
+    /// The agent's metrics (`ferry_order_client_…`, labelled with the node id).
+    pub fn registry(&self) -> prometheus::Registry {
+        self.metrics.clone()
+    }
+
     /// Closes the stream and stops; running functions are abandoned.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -141,14 +148,17 @@ pub fn start(cfg: Config, store: Option<Arc<dyn Store>>, runtime: Runtime) -> Ru
             gpu_held: Mutex::new(HashMap::new()),
             preparing: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
+            metrics: metrics::Metrics::new(&node_id),
         }),
     };
+    let metrics = agent.inner.metrics.registry.clone();
     let span = info_span!("node", node_id = %node_id);
     let join = tokio::spawn(agent.run(stop_rx).instrument(span));
     Running {
         node_id,
         stop,
         join,
+        metrics,
     }
 }
 
@@ -176,6 +186,7 @@ struct Inner {
     /// Tasks running here: whoever removes an entry (the task when it ends, or a
     /// cancellation) releases its reservation and reports its result, exactly once.
     running: Mutex<HashMap<String, (futures::future::AbortHandle, Capacity, u32)>>,
+    metrics: metrics::Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -301,6 +312,7 @@ impl Agent {
         };
         info!(order_server = %registered.server_id, %url, "attached");
         *lock(&self.inner.outbound) = Some(tx.clone());
+        self.inner.metrics.connected.set(1);
         let backlog = std::mem::take(&mut *lock(&self.inner.undelivered));
         for msg in backlog {
             let _ = tx.send(msg).await;
@@ -321,6 +333,7 @@ impl Agent {
         };
         heartbeat.abort();
         *lock(&self.inner.outbound) = None;
+        self.inner.metrics.connected.set(0);
         result
     }
 
@@ -379,7 +392,12 @@ impl Agent {
         match msg.msg {
             Some(server_message::Msg::Assignment(a)) => self.assign(a),
             Some(server_message::Msg::Cancel(c)) => {
-                let entry = lock(&self.inner.running).remove(&c.task_id);
+                let entry = {
+                    let mut running = lock(&self.inner.running);
+                    let entry = running.remove(&c.task_id);
+                    self.inner.metrics.running.set(running.len() as i64);
+                    entry
+                };
                 if let Some((abort, need, attempt)) = entry {
                     info!(task_id = %c.task_id, "cancelling");
                     abort.abort();
@@ -447,9 +465,18 @@ impl Agent {
         used.gpus = used.gpus.saturating_sub(need.gpus);
     }
 
+    fn refuse(&self, a: &proto::Assignment, kind: &str, reason: &str) {
+        self.inner
+            .metrics
+            .rejections
+            .with_label_values(&[kind])
+            .inc();
+        self.send(reject(a, reason));
+    }
+
     fn assign(&self, a: proto::Assignment) {
         let Some(spec) = a.function.clone() else {
-            self.send(reject(&a, "assignment without a function"));
+            self.refuse(&a, "invalid", "assignment without a function");
             return;
         };
         let need = Capacity {
@@ -460,7 +487,7 @@ impl Agent {
             slots: 1,
         };
         if !self.reserve(&need) {
-            self.send(reject(&a, "over capacity"));
+            self.refuse(&a, "capacity", "over capacity");
             return;
         }
         if need.gpus > 0 {
@@ -470,7 +497,7 @@ impl Agent {
                 }
                 None => {
                     self.release(&need);
-                    self.send(reject(&a, "no free GPU"));
+                    self.refuse(&a, "gpu", "no free GPU");
                     return;
                 }
             }
@@ -484,10 +511,21 @@ impl Agent {
         let agent = self.clone();
         let span = info_span!("task", function = %spec.name, task_id = %a.task_id, attempt = a.attempt, request_id = %a.request_id);
         let (abort, registration) = futures::future::AbortHandle::new_pair();
-        lock(&self.inner.running).insert(a.task_id.clone(), (abort, need, a.attempt));
+        {
+            let mut running = lock(&self.inner.running);
+            running.insert(a.task_id.clone(), (abort, need, a.attempt));
+            self.inner.metrics.running.set(running.len() as i64);
+        }
         let run = async move {
             let result = agent.run_task(a, spec).await;
-            if lock(&agent.inner.running).remove(&result.task_id).is_some() {
+            agent.inner.metrics.finished(&result);
+            let mine = {
+                let mut running = lock(&agent.inner.running);
+                let mine = running.remove(&result.task_id).is_some();
+                agent.inner.metrics.running.set(running.len() as i64);
+                mine
+            };
+            if mine {
                 agent.release(&need);
                 agent.release_gpus(&result.task_id);
                 agent.send(NodeMessage {
@@ -538,6 +576,7 @@ impl Agent {
                 let mut env = self.inner.cfg.function_env.clone();
                 env.retain(|(k, _)| k != "CUDA_VISIBLE_DEVICES" && k != "NVIDIA_VISIBLE_DEVICES");
                 env.extend(gpu::visibility_env(&held));
+                env.extend(request_env(a.env));
                 env
             },
         };
@@ -731,5 +770,51 @@ fn reject(a: &proto::Assignment, reason: &str) -> NodeMessage {
             attempt: a.attempt,
             reason: reason.into(),
         })),
+    }
+}
+
+/// The invocation's own environment (an OpenFaaS request's `Http_…` variables): only
+/// names that start with `Http_` and are plain identifiers, so a caller can never set
+/// `LD_PRELOAD`, `PATH` or the operator's variables.
+fn request_env(env: Vec<proto::EnvVar>) -> impl Iterator<Item = (String, String)> {
+    env.into_iter()
+        .filter(|v| {
+            v.name.starts_with("Http_")
+                && v.name.len() <= 128
+                && v.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !v.value.contains('\0')
+        })
+        .map(|v| (v.name, v.value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invocation_sets_only_http_variables() {
+        let var = |n: &str, v: &str| proto::EnvVar {
+            name: n.into(),
+            value: v.into(),
+        };
+        let kept: Vec<_> = request_env(vec![
+            var("Http_Method", "PUT"),
+            var("Http_X_Trace_Id", "a b"),
+            var("LD_PRELOAD", "/tmp/evil.so"),
+            var("PATH", "/tmp"),
+            var("Http_Bad=Name", "x"),
+            var("Http_Nul", "a\0b"),
+            var("http_method", "lowercase is not ours"),
+        ])
+        .collect();
+        assert_eq!(
+            kept,
+            [
+                ("Http_Method".to_string(), "PUT".to_string()),
+                ("Http_X_Trace_Id".to_string(), "a b".to_string())
+            ]
+        );
     }
 }

@@ -16,6 +16,7 @@ mod batcher;
 pub mod breaker;
 pub mod fairness;
 mod housekeeping;
+mod metrics;
 pub mod placement;
 mod queue_index;
 mod registry;
@@ -109,6 +110,12 @@ pub struct Running {
 }
 
 impl Running {
+    /// Its metrics (`ferry_order_server_…`, labelled with the instance id), read from
+    /// its live state when gathered.
+    pub fn registry(&self) -> prometheus::Registry {
+        metrics::registry(&self.service)
+    }
+
     /// Detaches every node, withdraws the registration and stops serving.
     pub async fn shutdown(self) {
         self.service.close().await;

@@ -144,7 +144,8 @@ impl QueueIndex {
         self.inner.shared.changes.subscribe()
     }
 
-    #[cfg(test)]
+    /// Entries indexed (queued tasks, less those our claims took and the watch has
+    /// not reported yet).
     pub fn len(&self) -> usize {
         self.read().entries.len()
     }

@@ -620,7 +620,7 @@ impl proto::order_server::Order for OrderService {
             .function
             .ok_or_else(|| bad("InvokeRequest.function is required"))?;
         let span = info_span!("invoke", function = %spec.name, version = spec.version, request_id = %req.request_id);
-        self.invoke_inner(spec, req.input, req.request_id)
+        self.invoke_inner(spec, req.input, req.request_id, req.env)
             .instrument(span)
             .await
             .map(Response::new)
@@ -634,6 +634,7 @@ impl OrderService {
         spec: proto::FunctionSpec,
         input: Vec<u8>,
         request_id: String,
+        env: Vec<proto::EnvVar>,
     ) -> Result<InvokeReply, Error> {
         let need = Need::of(&spec);
         let deadline = Duration::from_millis(spec.timeout_ms) + self.inner.cfg.assignment_grace;
@@ -661,6 +662,7 @@ impl OrderService {
                     function: Some(spec.clone()),
                     input: input.clone(),
                     request_id: request_id.clone(),
+                    env: env.clone(),
                 })),
             };
             if placed.tx.send(Ok(assignment)).await.is_err() {

@@ -95,6 +95,10 @@ impl InflightSet {
         self.tasks.get_mut(task_id)
     }
 
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
     pub fn contains_key(&self, task_id: &str) -> bool {
         self.tasks.contains_key(task_id)
     }
@@ -505,7 +509,7 @@ impl OrderService {
                 .then(Op::delete(queued.key))
                 .then(Op::put(
                     keys::running(&self.inner.cfg.cluster, &tag, &next.id),
-                    Vec::new(),
+                    ferry_core::task::running_mark(next.priority, &next.queue),
                 ));
             started.push((
                 next,
@@ -577,6 +581,7 @@ impl OrderService {
                 function: Some(task.version.spec()),
                 input: task.input.clone(),
                 request_id: task.request_id.clone(),
+                env: vec![],
             })),
         };
         let svc = self.clone();

@@ -237,6 +237,8 @@ pub struct SubmitOptions {
     pub callback_url: Option<String>,
     /// Content type of the input (default `application/json`).
     pub content_type: Option<String>,
+    /// The queue it waits in (default `default`).
+    pub queue: Option<String>,
 }
 
 impl Client {
@@ -259,6 +261,9 @@ impl Client {
             .body(input);
         if let Some(p) = &opts.priority {
             r = r.header("x-ferry-priority", p);
+        }
+        if let Some(q) = &opts.queue {
+            r = r.header("x-ferry-queue", q);
         }
         if let Some(k) = &opts.idempotency_key {
             r = r.header("idempotency-key", k);
