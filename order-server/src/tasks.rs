@@ -55,6 +55,9 @@ pub(crate) struct Inflight {
     pub running_key: String,
     pub claim_rev: i64,
     pub last_progress: Option<std::time::Instant>,
+    /// Its commit is under way: no more progress writes (the commit decided whether
+    /// it deletes a progress key from whether one was written before).
+    pub committing: bool,
 }
 
 /// The async tasks this instance runs, with a count per queue kept alongside.
@@ -571,6 +574,7 @@ impl OrderService {
                     running_key: running_key.clone(),
                     claim_rev,
                     last_progress: None,
+                    committing: false,
                 },
             );
         let assignment = ServerMessage {
@@ -689,13 +693,19 @@ impl OrderService {
         task.updated_ms = now;
         // A progress key is written only by the attempt's owner, fenced on its running
         // key: when that is us and we never wrote one, there is none to delete.
-        let wrote_progress = self
+        let wrote_progress = match self
             .inner
             .inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&task_id)
-            .is_none_or(|i| i.last_progress.is_some());
+            .get_mut(&task_id)
+        {
+            Some(i) => {
+                i.committing = true;
+                i.last_progress.is_some()
+            }
+            None => true,
+        };
         let mut txn = Txn::new().when(Compare::mod_revision(keys::task(&task_id), expected_rev));
         if wrote_progress || !as_owner {
             txn = txn.then(Op::delete(keys::progress(&task_id)));
@@ -806,6 +816,7 @@ impl OrderService {
             match inflight.get_mut(task_id) {
                 Some(i)
                     if i.attempt == p.attempt
+                        && !i.committing
                         && i.last_progress.is_none_or(|t| now - t >= PROGRESS_EVERY) =>
                 {
                     i.last_progress = Some(now);
