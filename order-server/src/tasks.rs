@@ -285,6 +285,9 @@ impl OrderService {
                 {
                     return true;
                 }
+                if owners.len() <= 1 {
+                    return rendezvous_ref(&e.id, &owners) == Some(me);
+                }
                 // A queue whose MRT is below the instance count is spread only over
                 // the instances that hold a share of it.
                 let owners = match mrt_of(&defined, &e.entry.queue) {
