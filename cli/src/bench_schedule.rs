@@ -298,13 +298,34 @@ async fn count_done(store: Arc<dyn Store>, want: usize) -> anyhow::Result<Instan
     anyhow::bail!("the result watch ended after {n} of {want}")
 }
 
-/// One throughput run: returns (tasks/s, attach time of all nodes).
+/// CPU time this process has used (user + system), from `/proc/self/stat`; zero where
+/// that cannot be read. On a shared machine whose speed drifts, CPU per task is the
+/// steadier figure.
+fn cpu_used() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which is in parentheses): utime and stime are the
+    // 12th and 13th of them, in clock ticks (100 a second on Linux).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// One throughput run: returns (tasks/s, attach time of all nodes, CPU time this
+/// process used while the tasks ran: order-server, store and simulated nodes).
 async fn throughput(
     kind: &str,
     nodes: usize,
     tasks: usize,
     slots: u32,
-) -> anyhow::Result<(f64, Duration)> {
+) -> anyhow::Result<(f64, Duration, Duration)> {
     let bs = open(kind).await?;
     let os = start_order_server(bs.store.clone()).await?;
     enqueue(&bs.store, tasks).await?;
@@ -315,6 +336,7 @@ async fn throughput(
         channels.push(connect(&os.url).await?);
     }
     let started = Instant::now();
+    let cpu_start = cpu_used();
     let mut handles = vec![];
     for i in 0..nodes {
         let ch = channels[i / STREAMS_PER_CONNECTION].clone();
@@ -351,11 +373,12 @@ async fn throughput(
         .await
         .context("all results within 10 minutes")???;
     let took = finished.duration_since(first.unwrap_or(started));
+    let cpu = cpu_used().saturating_sub(cpu_start);
     for h in handles {
         h.abort();
     }
     os.shutdown().await;
-    Ok((tasks as f64 / took.as_secs_f64(), attached))
+    Ok((tasks as f64 / took.as_secs_f64(), attached, cpu))
 }
 
 /// Failure detection: (last heartbeat → declared dead, dead → running elsewhere).
@@ -420,12 +443,18 @@ pub async fn run(b: ScheduleBench) -> anyhow::Result<ExitCode> {
     );
     for kind in &b.stores {
         for &n in &b.nodes {
-            let (rate, attach) = throughput(kind, n, b.tasks, b.slots)
+            let (rate, attach, cpu) = throughput(kind, n, b.tasks, b.slots)
                 .await
                 .with_context(|| format!("run on {kind} with {n} nodes"))?;
             println!(
-                "{kind:<9} {n:>6} nodes: {rate:>9.0} tasks/s placed and committed  (all nodes attached in {:.2} s)",
-                attach.as_secs_f64()
+                "{kind:<9} {n:>6} nodes: {rate:>9.0} tasks/s placed and committed  (all nodes attached in {:.2} s; {:.0} µs of CPU per task in this process{})",
+                attach.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / b.tasks as f64,
+                if kind == "etcd" {
+                    ", etcd's own not counted"
+                } else {
+                    ""
+                }
             );
         }
         let (detect, replace) = detection(kind)

@@ -14,9 +14,11 @@ use ferry_store::Store;
 
 mod batcher;
 pub mod breaker;
+pub mod fairness;
 mod housekeeping;
 mod metrics;
 pub mod placement;
+mod queue_index;
 mod registry;
 mod service;
 mod tasks;

@@ -100,9 +100,7 @@ fn snapshot(s: &OrderService) -> Vec<MetricFamily> {
         "ferry_order_server_queued_tasks",
         "Tasks in this cluster's queue (every instance sees the same queue)",
     ) {
-        let mut n = 0i64;
-        s.inner.queue.for_each(|_| n += 1);
-        g.set(n);
+        g.set(s.inner.queue.len() as i64);
         out.extend(g.collect());
     }
     if let Some(g) = gauge(

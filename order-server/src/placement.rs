@@ -78,9 +78,12 @@ impl NodeView {
 /// fit it prefers, in order: the most preferred tags, one that already holds the
 /// package, the least loaded one (spreading work), then the smallest id (determinism).
 pub fn place(nodes: &[NodeView], need: &Need) -> Option<usize> {
+    best(nodes.iter().enumerate(), need)
+}
+
+/// The best fitting node of `nodes` by [`place`]'s order.
+fn best<'a>(nodes: impl Iterator<Item = (usize, &'a NodeView)>, need: &Need) -> Option<usize> {
     nodes
-        .iter()
-        .enumerate()
         .filter(|(_, n)| n.fits(need))
         .min_by(|(_, a), (_, b)| {
             b.preferred(need)
@@ -90,6 +93,47 @@ pub fn place(nodes: &[NodeView], need: &Need) -> Option<usize> {
                 .then(a.id.cmp(&b.id))
         })
         .map(|(i, _)| i)
+}
+
+/// Nodes a sampled placement looks at.
+pub const SAMPLE: usize = 8;
+
+/// `k` indices below `n` drawn from `seed` (splitmix64; repeats possible): the same
+/// seed always gives the same sample.
+pub fn sample(n: usize, k: usize, seed: u64) -> impl Iterator<Item = usize> {
+    let mut state = seed;
+    (0..if n == 0 { 0 } else { k }).map(move |_| {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z % n as u64) as usize
+    })
+}
+
+/// Placement that looks at [`SAMPLE`] nodes drawn from `seed` ("power of k choices")
+/// and takes the best of them by [`place`]'s order; when none of them fits, or the task
+/// has preferred tags (rare nodes a sample would miss), or there are few nodes, it
+/// scans them all like [`place`]. So it finds a node exactly when [`place`] does, at
+/// O(k) instead of O(nodes) per task while nodes have room; still pure and
+/// deterministic (the caller derives `seed` from the task).
+pub fn place_sampled(nodes: &[NodeView], need: &Need, seed: u64) -> Option<usize> {
+    if nodes.len() <= SAMPLE * 2 || !need.preferred_tags.is_empty() {
+        return place(nodes, need);
+    }
+    best(
+        sample(nodes.len(), SAMPLE, seed).map(|i| (i, &nodes[i])),
+        need,
+    )
+    .or_else(|| place(nodes, need))
+}
+
+/// A sampling seed for a task: FNV-1a of its id.
+pub fn seed_of(task_id: &str) -> u64 {
+    task_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -190,6 +234,56 @@ mod tests {
         let mut with_fpga = nodes.clone();
         with_fpga[0].capacity.fpga_slots = 2;
         assert_eq!(place(&with_fpga, &fpga), Some(0));
+    }
+
+    /// Sampled placement: finds a node exactly when the full scan does, the node fits,
+    /// the same seed gives the same node, and filling a cluster with it never exceeds
+    /// any node's capacity.
+    #[test]
+    fn sampled_placement_finds_a_node_whenever_the_full_scan_does() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for round in 0..500 {
+            let n = rng.random_range(0..200);
+            let mut nodes: Vec<NodeView> = (0..n)
+                .map(|i| {
+                    let mut v = node(&format!("n{i:03}"), 4000, 0);
+                    v.used.cpu_millis = rng.random_range(0..=4000);
+                    v.used.slots = rng.random_range(0..=10);
+                    v.has_package = rng.random_bool(0.3);
+                    v.schedulable = rng.random_bool(0.9);
+                    v
+                })
+                .collect();
+            let mut nd = need(rng.random_range(1..1500));
+            if round % 7 == 0 {
+                nd.preferred_tags = vec!["cpu".into()];
+            }
+            let seed = rng.random::<u64>();
+            let got = place_sampled(&nodes, &nd, seed);
+            assert_eq!(got.is_some(), place(&nodes, &nd).is_some());
+            if let Some(i) = got {
+                assert!(nodes[i].fits(&nd));
+            }
+            assert_eq!(place_sampled(&nodes, &nd, seed), got, "deterministic");
+            let mut placed = 0;
+            for t in 0..2000 {
+                let Some(i) = place_sampled(&nodes, &nd, seed_of(&format!("t{t}"))) else {
+                    break;
+                };
+                nodes[i].used.cpu_millis += nd.cpu_millis;
+                nodes[i].used.memory_mb += nd.memory_mb;
+                nodes[i].used.slots += 1;
+                placed += 1;
+            }
+            assert!(placed < 2000);
+            assert!(nodes.iter().all(|v| !v.fits(&nd)), "filled up completely");
+            for v in &nodes {
+                assert!(v.used.slots <= v.capacity.slots, "{v:?}");
+                assert!(v.used.cpu_millis <= v.capacity.cpu_millis, "{v:?}");
+            }
+        }
+        assert_eq!(sample(0, SAMPLE, 1).count(), 0);
+        assert!(sample(5, SAMPLE, 1).all(|i| i < 5));
     }
 
     /// Properties over random clusters: a chosen node always fits; `None` only when no

@@ -354,9 +354,13 @@ impl Registry {
             .flatten()
     }
 
-    /// [`Registry::place`] for several tasks under one lock, in order: the nodes' views
-    /// are built once per (function, package) and kept current as tasks are placed,
-    /// so a batch costs one pass over the nodes, not one per task.
+    /// [`Registry::place`] for several tasks under one lock, in order. The nodes that
+    /// can take work at all now (attached, active, not suspect, breaker not open, a
+    /// slot free) are listed once; their views are built once per (function, package)
+    /// over that list and kept current as tasks are placed; each task is placed with
+    /// [`placement::place_sampled`] (a few nodes drawn from the task id, all of them
+    /// when none of those fits). So a batch costs one pass over the nodes, plus O(k)
+    /// per task while nodes have room.
     pub fn place_batch(
         &self,
         tasks: &[(&str, &str, &str, &Need)],
@@ -365,14 +369,27 @@ impl Registry {
         let now = Instant::now();
         let mut t = self.lock();
         let table = &mut *t;
+        // Function-independent, so every view set below lists the same nodes at the
+        // same indices.
+        let open: Vec<String> = table
+            .nodes
+            .iter()
+            .filter(|(id, n)| {
+                !exclude.contains(*id)
+                    && !n.full
+                    && max(&n.used, &n.reported).slots < n.capacity.slots
+                    && table.admin.get(*id).copied().unwrap_or_default() == NodeAdmin::Active
+                    && now.duration_since(n.last_seen) <= self.cfg.suspect_after
+                    && n.breaker.admission(now) != Admission::Deny
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut views: HashMap<(&str, &str), Vec<NodeView>> = HashMap::new();
         let mut out = Vec::with_capacity(tasks.len());
         for &(task_id, sha, function, need) in tasks {
             let set = views.entry((function, sha)).or_insert_with(|| {
-                table
-                    .nodes
-                    .iter()
-                    .filter(|(id, _)| !exclude.contains(*id))
+                open.iter()
+                    .filter_map(|id| table.nodes.get(id).map(|n| (id, n)))
                     .map(|(id, n)| {
                         let mut used = max(&n.used, &n.reported);
                         if n.full {
@@ -397,7 +414,8 @@ impl Registry {
                     })
                     .collect()
             });
-            let Some(chosen) = placement::place(set, need) else {
+            let Some(chosen) = placement::place_sampled(set, need, placement::seed_of(task_id))
+            else {
                 out.push(None);
                 continue;
             };
@@ -428,8 +446,8 @@ impl Registry {
             // Keep every cached view of this node current: its reservation grew, and a
             // probe placed on it closes it to further work.
             let reopened = n.breaker.admission(now) != Admission::Deny;
-            // Every set lists the nodes in the table's iteration order (the table is not
-            // resized under this lock), so the node sits at `chosen` in each.
+            // Every set lists the `open` nodes in order, so the node sits at `chosen`
+            // in each.
             for ((f, _), set) in views.iter_mut() {
                 if let Some(v) = set.get_mut(chosen).filter(|v| v.id == node_id) {
                     add(&mut v.used, &reserved);

@@ -44,13 +44,19 @@ pub(crate) struct Inner {
     /// create_revision of our registration key: the fencing token of this incarnation
     /// (0 until registered). A lost and re-granted lease makes a new incarnation.
     incarnation: AtomicI64,
-    /// This cluster's task queue, the live instances, and cancellation requests.
-    pub(crate) queue: WatchCache,
+    /// This cluster's task queue (parsed and sorted as it arrives), the live
+    /// instances, cancellation requests, and the queues' definitions (their MRTs).
+    pub(crate) queue: crate::queue_index::QueueIndex,
     pub(crate) instances: WatchCache,
     pub(crate) cancels: WatchCache,
-    /// Async tasks this instance runs now.
-    pub(crate) inflight:
-        std::sync::Mutex<std::collections::HashMap<String, crate::tasks::Inflight>>,
+    pub(crate) queue_defs: WatchCache,
+    /// The queue definitions' MRTs, parsed at a revision of `queue_defs`.
+    pub(crate) mrts: std::sync::Mutex<crate::tasks::Mrts>,
+    /// Async tasks this instance runs now, and how many per queue.
+    pub(crate) inflight: std::sync::Mutex<crate::tasks::InflightSet>,
+    /// Queued tasks a claim transaction of ours holds now (skipped by the next pass).
+    pub(crate) claiming: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    pub(crate) claims_in_flight: Arc<tokio::sync::Semaphore>,
     /// Wakes the claim loop when a node frees a slot or attaches.
     pub(crate) capacity_freed: Notify,
     /// Completions refused as stale (an old attempt, or after our lease was lost).
@@ -70,7 +76,10 @@ impl OrderService {
         url: String,
         store: Arc<dyn Store>,
     ) -> Result<Self, ferry_store::StoreError> {
-        let queue = WatchCache::start(store.clone(), &keys::queue_of(&cfg.cluster)).await?;
+        let queue =
+            crate::queue_index::QueueIndex::start(store.clone(), &keys::queue_of(&cfg.cluster))
+                .await?;
+        let queue_defs = WatchCache::start(store.clone(), keys::QUEUES).await?;
         let instances =
             WatchCache::start(store.clone(), &keys::order_servers_of(&cfg.cluster)).await?;
         let cancels = WatchCache::start(store.clone(), keys::CANCELS).await?;
@@ -97,7 +106,13 @@ impl OrderService {
                 queue,
                 instances,
                 cancels,
+                queue_defs,
+                mrts: Default::default(),
                 inflight: Default::default(),
+                claiming: Default::default(),
+                claims_in_flight: Arc::new(tokio::sync::Semaphore::new(
+                    crate::tasks::CLAIMS_IN_FLIGHT,
+                )),
                 capacity_freed: Notify::new(),
                 stale_completions: AtomicU64::new(0),
                 node_admin,

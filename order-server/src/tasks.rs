@@ -4,9 +4,12 @@
 //!
 //! - **Claim**: queued tasks are spread over live instances by rendezvous hashing on the
 //!   task id; an instance claims its own, and anyone's that waited past `steal_after`.
-//!   One transaction claims a batch (`Queued → Running`, queue key deleted, a running
-//!   key written under the instance's incarnation), placed first so nothing is claimed
-//!   without a node to run it.
+//!   Candidates come from the [`QueueIndex`](crate::queue_index::QueueIndex) (the queue
+//!   parsed once and sorted as it arrives) and are chosen by [`fairness::select`]:
+//!   priority with aging, queues interleaved within a class, each queue held to this
+//!   instance's share of its MRT. One transaction claims a batch (`Queued → Running`,
+//!   queue key deleted, a running key written under the instance's incarnation),
+//!   placed first so nothing is claimed without a node to run it.
 //! - **Complete**: the result is committed only if the task is still at the revision
 //!   the claim wrote and this instance's registration is the one that claimed it: a
 //!   paused or partitioned instance whose lease expired commits nothing.
@@ -14,65 +17,145 @@
 //!   re-queued by any live instance. A result that arrives later for the same attempt
 //!   (its node re-attached elsewhere) is adopted while the task has not started again.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_core::keys;
+use ferry_core::model::QueueRecord;
 use ferry_core::proto::{self, Assignment, Outcome, ServerMessage, TaskResult, server_message};
-use ferry_core::task::{AttemptEnd, Next, QueueEntry, TaskRecord, TaskState, after_attempt};
-use ferry_store::{Compare, KeyValue, Op, Txn};
+use ferry_core::task::{AttemptEnd, Next, TaskRecord, TaskState, after_attempt};
+use ferry_store::{Compare, Op, Revision, Txn};
 use rand::Rng;
 use tracing::{debug, info, warn};
 
+use crate::fairness::{self, Candidate};
 use crate::placement::Need;
+use crate::queue_index::Indexed;
 use crate::registry::Reply;
 use crate::service::OrderService;
 
 /// Tasks claimed in one transaction at most (3 operations each, under etcd's 128).
 const CLAIM_BATCH: usize = 32;
-/// Claim transactions one round runs at once (one queue snapshot serves them all).
+/// Claim transactions one pass launches (one queue snapshot serves them all).
 const CLAIM_PARALLEL: usize = 8;
+/// Claim transactions in flight at once, over consecutive passes.
+pub(crate) const CLAIMS_IN_FLIGHT: usize = 16;
 /// Results larger than this are not kept with the task.
 pub const MAX_RESULT_BYTES: usize = 1 << 20;
-/// How long a priority class weighs in the queue order: a batch task that has waited
-/// this much longer than a critical one goes first (aging, against starvation).
-const AGING_MS: u64 = 30_000;
 
 /// What this instance remembers about a task it runs.
 #[derive(Clone)]
 pub(crate) struct Inflight {
     pub node: String,
     pub attempt: u32,
+    /// The queue it was claimed from (counted against that queue's MRT share).
+    pub queue: String,
     /// The running key our claim wrote, at `claim_rev`: progress is written only while
     /// it is still there unchanged (the attempt is still ours and not committed).
     pub running_key: String,
     pub claim_rev: i64,
     pub last_progress: Option<std::time::Instant>,
+    /// Its commit is under way: no more progress writes (the commit decided whether
+    /// it deletes a progress key from whether one was written before).
+    pub committing: bool,
+}
+
+/// The async tasks this instance runs, with a count per queue kept alongside.
+#[derive(Default)]
+pub(crate) struct InflightSet {
+    tasks: HashMap<String, Inflight>,
+    per_queue: HashMap<String, u32>,
+}
+
+impl InflightSet {
+    pub fn insert(&mut self, task_id: String, i: Inflight) {
+        *self.per_queue.entry(i.queue.clone()).or_insert(0) += 1;
+        if let Some(old) = self.tasks.insert(task_id, i) {
+            self.uncount(&old.queue);
+        }
+    }
+
+    pub fn remove(&mut self, task_id: &str) -> Option<Inflight> {
+        let old = self.tasks.remove(task_id)?;
+        self.uncount(&old.queue);
+        Some(old)
+    }
+
+    fn uncount(&mut self, queue: &str) {
+        if let Some(n) = self.per_queue.get_mut(queue) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_queue.remove(queue);
+            }
+        }
+    }
+
+    pub fn get(&self, task_id: &str) -> Option<&Inflight> {
+        self.tasks.get(task_id)
+    }
+
+    pub fn get_mut(&mut self, task_id: &str) -> Option<&mut Inflight> {
+        self.tasks.get_mut(task_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn contains_key(&self, task_id: &str) -> bool {
+        self.tasks.contains_key(task_id)
+    }
+
+    /// Running tasks per queue.
+    pub fn per_queue(&self) -> &HashMap<String, u32> {
+        &self.per_queue
+    }
+}
+
+/// Each defined queue's MRT (`None`: unlimited), parsed at one revision of the queue
+/// definitions' cache.
+#[derive(Default)]
+pub(crate) struct Mrts {
+    revision: Revision,
+    by_queue: std::sync::Arc<HashMap<String, Option<u32>>>,
+}
+
+/// A queue's MRT: its record's, else what a queue without one gets.
+fn mrt_of(defined: &HashMap<String, Option<u32>>, queue: &str) -> Option<u32> {
+    match defined.get(queue) {
+        Some(m) => *m,
+        None => QueueRecord::implicit(queue).mrt,
+    }
+}
+
+/// A queue entry chosen for a claim, with its task record read.
+struct Chosen {
+    task: TaskRecord,
+    task_rev: Revision,
+    queued: Indexed,
 }
 
 /// At most one progress write per task per this interval.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
+#[cfg(test)]
 fn rendezvous(task_id: &str, instances: &[String]) -> Option<String> {
-    if instances.len() <= 1 {
-        return instances.first().cloned();
-    }
-    instances
-        .iter()
-        .max_by_key(|i| {
-            use sha2::Digest;
-            let d = sha2::Sha256::new()
-                .chain_update(task_id)
-                .chain_update(b"/")
-                .chain_update(i.as_bytes())
-                .finalize();
-            u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
-        })
-        .cloned()
+    rendezvous_ref(task_id, instances).cloned()
 }
 
-/// Queue order: priority class first, older first within it, with aging across classes.
-fn queue_rank(e: &QueueEntry) -> u64 {
-    e.enqueued_ms + (e.priority as u64) * AGING_MS
+fn rendezvous_ref<'a>(task_id: &str, instances: &'a [String]) -> Option<&'a String> {
+    if instances.len() <= 1 {
+        return instances.first();
+    }
+    instances.iter().max_by_key(|i| {
+        use sha2::Digest;
+        let d = sha2::Sha256::new()
+            .chain_update(task_id)
+            .chain_update(b"/")
+            .chain_update(i.as_bytes())
+            .finalize();
+        u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+    })
 }
 
 impl OrderService {
@@ -107,6 +190,26 @@ impl OrderService {
         (with_nodes, incarnations)
     }
 
+    /// The defined queues' MRTs, re-parsed only when their definitions changed.
+    fn mrts(&self) -> std::sync::Arc<HashMap<String, Option<u32>>> {
+        let rev = self.inner.queue_defs.revision();
+        let mut m = self.inner.mrts.lock().unwrap_or_else(|p| p.into_inner());
+        if m.revision != rev {
+            let mut by_queue = HashMap::new();
+            for kv in self.inner.queue_defs.snapshot() {
+                if let Ok(q) = serde_json::from_slice::<QueueRecord>(&kv.value) {
+                    let name = kv.key[keys::QUEUES.len()..].to_string();
+                    by_queue.insert(name, q.mrt);
+                }
+            }
+            *m = Mrts {
+                revision: rev,
+                by_queue: std::sync::Arc::new(by_queue),
+            };
+        }
+        m.by_queue.clone()
+    }
+
     pub(crate) async fn claim_loop(self) {
         let mut queue_changes = self.inner.queue.changes();
         loop {
@@ -127,53 +230,138 @@ impl OrderService {
         }
     }
 
+    /// The queue entries this pass should claim, in placement order (see
+    /// [`fairness`]): ours by rendezvous (or stolen past `steal_after`), due, not
+    /// already running here, within each queue's share of its MRT.
+    fn choose(&self, max: usize) -> Vec<Indexed> {
+        let now = ferry_core::now_ms();
+        let (owners, _) = self.live();
+        let me = &self.inner.cfg.id;
+        // This instance's place among those with nodes (counted even before its own
+        // record says it has nodes).
+        let (n, rank) = match owners.binary_search(me) {
+            Ok(r) => (owners.len(), r),
+            Err(r) => (owners.len() + 1, r),
+        };
+        let steal_after = self.inner.cfg.steal_after.as_millis() as u64;
+        let defined = self.mrts();
+        let inflight = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let claiming = self.claiming();
+        // Running here, or about to (held by a claim transaction in flight).
+        let mut running = inflight.per_queue().clone();
+        for queue in claiming.values() {
+            *running.entry(queue.clone()).or_insert(0) += 1;
+        }
+        // Shares are computed per queue as the index meets it.
+        let shares = std::cell::RefCell::new(HashMap::<String, u32>::new());
+        let share_of = |queue: &str| -> Option<u32> {
+            let mrt = mrt_of(&defined, queue)?;
+            Some(
+                *shares
+                    .borrow_mut()
+                    .entry(queue.to_string())
+                    .or_insert_with(|| fairness::share(mrt, n, rank)),
+            )
+        };
+        let gathered = self.inner.queue.gather(
+            |queue| match share_of(queue) {
+                Some(s) => {
+                    (s.saturating_sub(running.get(queue).copied().unwrap_or(0)) as usize).min(max)
+                }
+                None => max,
+            },
+            |e| {
+                if e.entry.not_before_ms > now
+                    || inflight.contains_key(&e.id)
+                    || claiming.contains_key(&e.id)
+                {
+                    return false;
+                }
+                if now.saturating_sub(e.entry.not_before_ms.max(e.entry.enqueued_ms)) > steal_after
+                {
+                    return true;
+                }
+                if owners.len() <= 1 {
+                    return rendezvous_ref(&e.id, &owners) == Some(me);
+                }
+                // A queue whose MRT is below the instance count is spread only over
+                // the instances that hold a share of it.
+                let owners = match mrt_of(&defined, &e.entry.queue) {
+                    Some(m) if (m as usize) < owners.len() => &owners[..m as usize],
+                    _ => &owners[..],
+                };
+                rendezvous_ref(&e.id, owners) == Some(me)
+            },
+        );
+        let shares = shares.into_inner();
+        let cands: Vec<Candidate> = gathered
+            .iter()
+            .map(|e| Candidate {
+                id: &e.id,
+                queue: &e.entry.queue,
+                priority: e.entry.priority,
+                rank: e.rank,
+            })
+            .collect();
+        let picked = fairness::select(&cands, &running, &shares, max);
+        drop(claiming);
+        drop(inflight);
+        let mut slots: Vec<Option<Indexed>> = gathered.into_iter().map(Some).collect();
+        picked.into_iter().filter_map(|i| slots[i].take()).collect()
+    }
+
     /// Claims and starts one batch; returns how many tasks it started.
+    ///
+    /// The claim transactions run on their own (at most [`CLAIMS_IN_FLIGHT`] at once):
+    /// the next pass chooses, reads and places while they commit, skipping the entries
+    /// they hold (`claiming`).
     async fn claim_once(&self) -> Result<usize, ferry_core::Error> {
         let free = self.inner.nodes.free_slots();
         if free == 0 || self.incarnation() == 0 {
             return Ok(0);
         }
-        let now = ferry_core::now_ms();
-        let (owners, _) = self.live();
-        let me = &self.inner.cfg.id;
-        let steal_after = self.inner.cfg.steal_after.as_millis() as u64;
-        let mut candidates: Vec<(QueueEntry, KeyValue)> = {
-            let inflight = self
-                .inner
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let mut out = vec![];
-            // Borrowed, not copied: only the entries this instance may claim are kept.
-            self.inner.queue.for_each(|kv| {
-                let Ok(e) = serde_json::from_slice::<QueueEntry>(&kv.value) else {
-                    return;
-                };
-                let id = kv.key.rsplit('/').next().unwrap_or_default();
-                if e.not_before_ms <= now
-                    && !inflight.contains_key(id)
-                    && (now.saturating_sub(e.not_before_ms.max(e.enqueued_ms)) > steal_after
-                        || rendezvous(id, &owners).as_deref() == Some(me.as_str()))
-                {
-                    out.push((e, kv.clone()));
-                }
-            });
-            out
-        };
+        let candidates = self.choose(free.min(CLAIM_BATCH * CLAIM_PARALLEL));
         if candidates.is_empty() {
             return Ok(0);
         }
-        candidates.sort_by_key(|(e, kv)| (queue_rank(e), kv.key.clone()));
-        candidates.truncate(free.min(CLAIM_BATCH * CLAIM_PARALLEL));
+        let mut pending: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
+        self.claiming().extend(
+            candidates
+                .iter()
+                .map(|c| (c.id.clone(), c.entry.queue.clone())),
+        );
+        let r = self.claim_pass(candidates, &mut pending).await;
+        // What no claim transaction took over is free for the next pass.
+        let mut claiming = self.claiming();
+        for id in &pending {
+            claiming.remove(id);
+        }
+        r
+    }
 
+    /// Task id → queue of the entries chosen and not yet claimed or released.
+    fn claiming(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.inner
+            .claiming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads, places and launches the claim of `candidates`; removes from `pending`
+    /// the ids a launched claim now holds (it releases them when it ends).
+    async fn claim_pass(
+        &self,
+        candidates: Vec<Indexed>,
+        pending: &mut Vec<String>,
+    ) -> Result<usize, ferry_core::Error> {
         // Read the tasks: one round trip per batch, the batches at once.
-        let task_id = |kv: &KeyValue| kv.key.rsplit('/').next().unwrap_or_default().to_string();
         let reads = candidates.chunks(CLAIM_BATCH).map(|chunk| {
             let txn = Txn {
-                success: chunk
-                    .iter()
-                    .map(|(_, kv)| Op::get(keys::task(&task_id(kv))))
-                    .collect(),
+                success: chunk.iter().map(|q| Op::get(keys::task(&q.id))).collect(),
                 ..Txn::default()
             };
             self.inner.store.txn(txn)
@@ -183,16 +371,20 @@ impl OrderService {
             gets.extend(r?.gets);
         }
         let mut batch = vec![];
-        for ((_, qkv), got) in candidates.iter().zip(gets) {
+        for (queued, got) in candidates.into_iter().zip(gets) {
             match got.and_then(|kv| {
                 serde_json::from_slice::<TaskRecord>(&kv.value)
                     .ok()
-                    .map(|t| (t, kv))
+                    .map(|t| (t, kv.mod_revision))
             }) {
-                Some((t, tkv))
-                    if t.state == TaskState::Queued && tkv.mod_revision == qkv.mod_revision =>
+                Some((task, task_rev))
+                    if task.state == TaskState::Queued && task_rev == queued.mod_revision =>
                 {
-                    batch.push((t, tkv, qkv.clone()))
+                    batch.push(Chosen {
+                        task,
+                        task_rev,
+                        queued,
+                    })
                 }
                 _ => {
                     // A queue entry that no longer matches its task (cancelled, or a
@@ -202,8 +394,8 @@ impl OrderService {
                         .store
                         .txn(
                             Txn::new()
-                                .when(Compare::mod_revision(&qkv.key, qkv.mod_revision))
-                                .then(Op::delete(&qkv.key)),
+                                .when(Compare::mod_revision(&queued.key, queued.mod_revision))
+                                .then(Op::delete(&queued.key)),
                         )
                         .await;
                 }
@@ -214,21 +406,21 @@ impl OrderService {
         // Placement stops at the first task that does not fit, so queue order holds.
         let needs: Vec<(String, Need)> = batch
             .iter()
-            .map(|(t, _, _)| {
+            .map(|c| {
                 (
-                    format!("{}#{}", t.id, t.attempt + 1),
-                    Need::of(&t.version.spec()),
+                    format!("{}#{}", c.task.id, c.task.attempt + 1),
+                    Need::of(&c.task.version.spec()),
                 )
             })
             .collect();
         let requests: Vec<(&str, &str, &str, &Need)> = batch
             .iter()
             .zip(&needs)
-            .map(|((t, _, _), (slot, need))| {
+            .map(|(c, (slot, need))| {
                 (
                     slot.as_str(),
-                    t.version.sha256.as_str(),
-                    t.version.name.as_str(),
+                    c.task.version.sha256.as_str(),
+                    c.task.version.name.as_str(),
                     need,
                 )
             })
@@ -236,9 +428,9 @@ impl OrderService {
         let outcomes = self.inner.nodes.place_batch(&requests, &Default::default());
         let mut placed = vec![];
         let mut stop = false;
-        for (((t, tkv, qkv), (slot_id, _)), p) in batch.into_iter().zip(needs).zip(outcomes) {
+        for ((c, (slot_id, _)), p) in batch.into_iter().zip(needs).zip(outcomes) {
             match p {
-                Some(p) if !stop => placed.push((t, tkv, qkv, slot_id, p)),
+                Some(p) if !stop => placed.push((c, slot_id, p)),
                 Some(p) => self.inner.nodes.abandon(&p.node_id, &slot_id),
                 None => stop = true,
             }
@@ -253,10 +445,30 @@ impl OrderService {
             let rest = placed.split_off(placed.len().min(CLAIM_BATCH));
             chunks.push(std::mem::replace(&mut placed, rest));
         }
-        let claims = chunks.into_iter().map(|chunk| self.claim_chunk(chunk));
         let mut n = 0;
-        for r in futures::future::join_all(claims).await {
-            n += r?;
+        for chunk in chunks {
+            let Ok(permit) = self.inner.claims_in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let ids: Vec<String> = chunk.iter().map(|(c, _, _)| c.queued.id.clone()).collect();
+            pending.retain(|id| !ids.contains(id));
+            n += chunk.len();
+            let svc = self.clone();
+            tokio::spawn(async move {
+                match svc.claim_chunk(chunk).await {
+                    Ok(0) => svc.inner.capacity_freed.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(error = %e, "claiming tasks failed");
+                        svc.inner.capacity_freed.notify_one();
+                    }
+                }
+                let mut claiming = svc.claiming();
+                for id in &ids {
+                    claiming.remove(id);
+                }
+                drop(permit);
+            });
         }
         Ok(n)
     }
@@ -265,20 +477,20 @@ impl OrderService {
     /// every reservation of the chunk is released.
     async fn claim_chunk(
         &self,
-        placed: Vec<(
-            TaskRecord,
-            KeyValue,
-            KeyValue,
-            String,
-            crate::registry::Placed,
-        )>,
+        placed: Vec<(Chosen, String, crate::registry::Placed)>,
     ) -> Result<usize, ferry_core::Error> {
         let tag = self.incarnation_tag(self.incarnation());
         let claimed_at = ferry_core::now_ms();
         let mut txn = Txn::new().when(self.fence());
-        let mut records = vec![];
-        for (t, tkv, qkv, _, p) in &placed {
-            let mut next = t.clone();
+        // (next record, its queue, the entry's id and revision, slot, placement):
+        // the records are moved, not cloned.
+        let mut started = Vec::with_capacity(placed.len());
+        for (c, slot_id, p) in placed {
+            let Chosen {
+                task: mut next,
+                task_rev,
+                queued,
+            } = c;
             next.state = TaskState::Running;
             next.attempt += 1;
             next.owner = Some(self.inner.cfg.id.clone());
@@ -292,19 +504,27 @@ impl OrderService {
                 outcome: None,
                 error: None,
             });
+            let task_key = keys::task(&next.id);
             txn = txn
-                .when(Compare::mod_revision(keys::task(&t.id), tkv.mod_revision))
-                .when(Compare::mod_revision(&qkv.key, qkv.mod_revision))
+                .when(Compare::mod_revision(&task_key, task_rev))
+                .when(Compare::mod_revision(&queued.key, queued.mod_revision))
                 .then(Op::put(
-                    keys::task(&t.id),
+                    task_key,
                     serde_json::to_vec(&next).unwrap_or_default(),
                 ))
-                .then(Op::delete(&qkv.key))
+                .then(Op::delete(queued.key))
                 .then(Op::put(
-                    keys::running(&self.inner.cfg.cluster, &tag, &t.id),
-                    ferry_core::task::running_mark(t.priority, &t.queue),
+                    keys::running(&self.inner.cfg.cluster, &tag, &next.id),
+                    ferry_core::task::running_mark(next.priority, &next.queue),
                 ));
-            records.push(next);
+            started.push((
+                next,
+                queued.entry.queue,
+                queued.id,
+                queued.mod_revision,
+                slot_id,
+                p,
+            ));
         }
         let result = self.inner.store.txn(txn).await;
         let rev = match result {
@@ -312,20 +532,25 @@ impl OrderService {
             other => {
                 // Someone else claimed one of them (or our registration changed):
                 // release every reservation and let the next round re-read.
-                for (_, _, _, slot_id, p) in &placed {
+                for (_, _, _, _, slot_id, p) in &started {
                     self.inner.nodes.abandon(&p.node_id, slot_id);
                 }
                 if let Err(e) = other {
                     return Err(e.into());
                 }
-                debug!(batch = placed.len(), "claim lost a race; retrying");
+                debug!(batch = started.len(), "claim lost a race; retrying");
                 return Ok(0);
             }
         };
-        let n = placed.len();
-        for ((_, _, _, slot_id, p), task) in placed.into_iter().zip(records) {
+        let claimed: Vec<(&str, Revision)> = started
+            .iter()
+            .map(|(_, _, id, rev, _, _)| (id.as_str(), *rev))
+            .collect();
+        self.inner.queue.forget(&claimed);
+        let n = started.len();
+        for (task, queue, _, _, slot_id, p) in started {
             let running_key = keys::running(&self.inner.cfg.cluster, &tag, &task.id);
-            self.start_task(task, rev, slot_id, running_key, p);
+            self.start_task(task, queue, rev, slot_id, running_key, p);
         }
         Ok(n)
     }
@@ -333,6 +558,7 @@ impl OrderService {
     fn start_task(
         &self,
         task: TaskRecord,
+        queue: String,
         claim_rev: i64,
         slot_id: String,
         running_key: String,
@@ -347,9 +573,11 @@ impl OrderService {
                 Inflight {
                     node: p.node_id.clone(),
                     attempt: task.attempt,
+                    queue,
                     running_key: running_key.clone(),
                     claim_rev,
                     last_progress: None,
+                    committing: false,
                 },
             );
         let assignment = ServerMessage {
@@ -429,11 +657,6 @@ impl OrderService {
     ) -> bool {
         let now = ferry_core::now_ms();
         let task_id = task.id.clone();
-        self.inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&task_id);
         let mut end = end;
         if let Some(r) = &result
             && r.output.len() > MAX_RESULT_BYTES
@@ -471,9 +694,25 @@ impl OrderService {
         }
         task.owner = None;
         task.updated_ms = now;
-        let mut txn = Txn::new()
-            .when(Compare::mod_revision(keys::task(&task_id), expected_rev))
-            .then(Op::delete(keys::progress(&task_id)));
+        // A progress key is written only by the attempt's owner, fenced on its running
+        // key: when that is us and we never wrote one, there is none to delete.
+        let wrote_progress = match self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&task_id)
+        {
+            Some(i) => {
+                i.committing = true;
+                i.last_progress.is_some()
+            }
+            None => true,
+        };
+        let mut txn = Txn::new().when(Compare::mod_revision(keys::task(&task_id), expected_rev));
+        if wrote_progress || !as_owner {
+            txn = txn.then(Op::delete(keys::progress(&task_id)));
+        }
         if as_owner {
             txn = txn.when(self.fence());
         }
@@ -533,7 +772,14 @@ impl OrderService {
             keys::task(&task_id),
             serde_json::to_vec(&task).unwrap_or_default(),
         ));
-        match self.inner.committer.txn(txn).await {
+        let committed = self.inner.committer.txn(txn).await;
+        // Counted as running (against its queue's MRT) until its running key is gone.
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task_id);
+        match committed {
             Ok(true) => {
                 debug!(
                     task_id,
@@ -573,6 +819,7 @@ impl OrderService {
             match inflight.get_mut(task_id) {
                 Some(i)
                     if i.attempt == p.attempt
+                        && !i.committing
                         && i.last_progress.is_none_or(|t| now - t >= PROGRESS_EVERY) =>
                 {
                     i.last_progress = Some(now);
@@ -771,7 +1018,8 @@ fn attempt_end(r: &TaskResult) -> AttemptEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use crate::fairness::{AGING_MS, queue_rank};
+    use ferry_core::task::QueueEntry;
 
     #[test]
     fn rendezvous_is_stable_and_spreads() {

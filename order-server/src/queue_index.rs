@@ -1,0 +1,364 @@
+//! [`QueueIndex`]: this cluster's task queue in memory, kept current by a watch. Each
+//! entry is parsed once, when its event arrives, and filed under its (queue, priority
+//! class) group sorted by [`queue_rank`]; a claim pass then reads only the heads of the
+//! groups instead of walking and parsing the whole queue (O(queue) per pass).
+//!
+//! Like `ferry_store::WatchCache`: listed once, then watched from the listed revision;
+//! if the watch fails (compacted, lagged, store unavailable) it lists again, with a
+//! backoff while that keeps failing, and swaps the rebuilt index in.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use ferry_core::task::{Priority, QueueEntry};
+use ferry_store::{EventKind, KeyValue, Revision, Store, StoreError, WatchStream};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::fairness::{queue_name, queue_rank};
+
+const MAX_APPLY: usize = 4096;
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// One queue entry as the index holds it.
+#[derive(Clone, Debug)]
+pub(crate) struct Indexed {
+    pub id: String,
+    pub key: String,
+    pub mod_revision: Revision,
+    /// Its `queue` normalised (empty → the default queue's name).
+    pub entry: QueueEntry,
+    pub rank: u64,
+}
+
+#[derive(Default)]
+struct Data {
+    /// By task id.
+    entries: HashMap<String, Indexed>,
+    /// (queue, class) → (rank, task id), ascending.
+    groups: BTreeMap<(String, Priority), BTreeSet<(u64, String)>>,
+    revision: Revision,
+}
+
+impl Data {
+    fn insert(&mut self, kv: KeyValue) {
+        let id = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+        self.remove(&id);
+        // An entry that does not parse is left out (the claim never sees it).
+        let Ok(mut entry) = serde_json::from_slice::<QueueEntry>(&kv.value) else {
+            return;
+        };
+        entry.queue = queue_name(&entry.queue).to_string();
+        let rank = queue_rank(&entry);
+        self.groups
+            .entry((entry.queue.clone(), entry.priority))
+            .or_default()
+            .insert((rank, id.clone()));
+        self.entries.insert(
+            id.clone(),
+            Indexed {
+                id,
+                key: kv.key,
+                mod_revision: kv.mod_revision,
+                entry,
+                rank,
+            },
+        );
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Indexed> {
+        let old = self.entries.remove(id)?;
+        let group = (old.entry.queue.clone(), old.entry.priority);
+        if let Some(set) = self.groups.get_mut(&group) {
+            set.remove(&(old.rank, old.id.clone()));
+            if set.is_empty() {
+                self.groups.remove(&group);
+            }
+        }
+        Some(old)
+    }
+
+    fn from_list(kvs: Vec<KeyValue>, revision: Revision) -> Self {
+        let mut d = Data {
+            revision,
+            ..Data::default()
+        };
+        for kv in kvs {
+            d.insert(kv);
+        }
+        d
+    }
+}
+
+struct Shared {
+    data: RwLock<Data>,
+    changes: watch::Sender<Revision>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// See the module docs. Clones share the index; its watch stops with the last clone.
+#[derive(Clone)]
+pub(crate) struct QueueIndex {
+    inner: Arc<Handle>,
+}
+
+async fn list_and_watch(
+    store: &dyn Store,
+    prefix: &str,
+) -> Result<(Data, WatchStream), StoreError> {
+    let range = store.range(prefix).await?;
+    let stream = store.watch(prefix, range.revision + 1).await?;
+    Ok((Data::from_list(range.kvs, range.revision), stream))
+}
+
+impl QueueIndex {
+    /// Lists `prefix` and starts watching it. Fails if the first list or watch fails.
+    pub async fn start(store: Arc<dyn Store>, prefix: &str) -> Result<Self, StoreError> {
+        let (data, stream) = list_and_watch(store.as_ref(), prefix).await?;
+        let (changes, _) = watch::channel(data.revision);
+        let shared = Arc::new(Shared {
+            data: RwLock::new(data),
+            changes,
+        });
+        let task = tokio::spawn(run(store, prefix.to_string(), shared.clone(), stream));
+        Ok(Self {
+            inner: Arc::new(Handle { shared, task }),
+        })
+    }
+
+    /// The applied revision; changes after each applied batch of events or re-list.
+    pub fn changes(&self) -> watch::Receiver<Revision> {
+        self.inner.shared.changes.subscribe()
+    }
+
+    /// Entries indexed (queued tasks, less those our claims took and the watch has
+    /// not reported yet).
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Data> {
+        self.inner
+            .shared
+            .data
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The first entries of each (queue, class) group, in rank order, that `eligible`
+    /// accepts: at most `cap(queue)` per group (0 skips the group). The index is
+    /// read-locked meanwhile: keep both closures short and free of I/O.
+    pub fn gather(
+        &self,
+        cap: impl Fn(&str) -> usize,
+        mut eligible: impl FnMut(&Indexed) -> bool,
+    ) -> Vec<Indexed> {
+        let data = self.read();
+        let mut out = vec![];
+        for ((queue, _), set) in &data.groups {
+            let cap = cap(queue);
+            if cap == 0 {
+                continue;
+            }
+            let mut n = 0;
+            for (_, id) in set {
+                let Some(e) = data.entries.get(id) else {
+                    continue;
+                };
+                if eligible(e) {
+                    out.push(e.clone());
+                    n += 1;
+                    if n == cap {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Drops entries our own claim deleted, before the watch reports it, so the next
+    /// pass does not read them again. Only the claimed revision is dropped: a newer one
+    /// (the task re-queued since) stays.
+    pub fn forget(&self, claimed: &[(&str, Revision)]) {
+        let mut data = self
+            .inner
+            .shared
+            .data
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        for &(id, rev) in claimed {
+            if data.entries.get(id).is_some_and(|e| e.mod_revision == rev) {
+                data.remove(id);
+            }
+        }
+    }
+}
+
+async fn run(store: Arc<dyn Store>, prefix: String, shared: Arc<Shared>, mut stream: WatchStream) {
+    let mut backoff = MIN_BACKOFF;
+    let mut watching_since = Instant::now();
+    loop {
+        let err = consume(&shared, &mut stream).await;
+        tracing::debug!(prefix = %prefix, error = %err, "queue index: watch ended; re-listing");
+        if watching_since.elapsed() > MAX_BACKOFF * 2 {
+            backoff = MIN_BACKOFF;
+        }
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            match list_and_watch(store.as_ref(), &prefix).await {
+                Ok((data, s)) => {
+                    let rev = data.revision;
+                    *shared.data.write().unwrap_or_else(PoisonError::into_inner) = data;
+                    shared.changes.send_replace(rev);
+                    stream = s;
+                    watching_since = Instant::now();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(prefix = %prefix, error = %e, "queue index: re-list failed")
+                }
+            }
+        }
+    }
+}
+
+/// Applies events until the stream fails; returns why it stopped.
+async fn consume(shared: &Shared, stream: &mut WatchStream) -> StoreError {
+    loop {
+        let first = match stream.next().await {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => return e,
+            None => return StoreError::Unavailable("watch stream ended".into()),
+        };
+        let mut batch = vec![first];
+        let mut failed = None;
+        while batch.len() < MAX_APPLY {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(ev))) => batch.push(ev),
+                Some(Some(Err(e))) => {
+                    failed = Some(e);
+                    break;
+                }
+                Some(None) => {
+                    failed = Some(StoreError::Unavailable("watch stream ended".into()));
+                    break;
+                }
+                None => break,
+            }
+        }
+        let rev = {
+            let mut data = shared.data.write().unwrap_or_else(PoisonError::into_inner);
+            for ev in batch {
+                data.revision = data.revision.max(ev.kv.mod_revision);
+                match ev.kind {
+                    EventKind::Put => data.insert(ev.kv),
+                    EventKind::Delete => {
+                        let id = ev.kv.key.rsplit('/').next().unwrap_or_default();
+                        data.remove(id);
+                    }
+                }
+            }
+            data.revision
+        };
+        shared.changes.send_replace(rev);
+        if let Some(e) = failed {
+            return e;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ferry_core::keys;
+
+    fn entry(priority: Priority, enqueued_ms: u64, queue: &str) -> Vec<u8> {
+        serde_json::to_vec(&QueueEntry {
+            priority,
+            not_before_ms: 0,
+            enqueued_ms,
+            queue: queue.into(),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn follows_the_queue_and_hands_out_group_heads_in_rank_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let prefix = keys::queue_of("c");
+        store
+            .put(&keys::queued("c", "t1"), entry(Priority::Normal, 5, ""), 0)
+            .await
+            .unwrap();
+        let index = QueueIndex::start(store.clone(), &prefix).await.unwrap();
+        assert_eq!(index.len(), 1);
+        let mut changes = index.changes();
+        store
+            .put(&keys::queued("c", "t2"), entry(Priority::Normal, 1, ""), 0)
+            .await
+            .unwrap();
+        store
+            .put(&keys::queued("c", "t3"), entry(Priority::Batch, 0, "q"), 0)
+            .await
+            .unwrap();
+        let rev = store
+            .put(&keys::queued("c", "bad"), b"not json".to_vec(), 0)
+            .await
+            .unwrap();
+        while *changes.borrow_and_update() < rev {
+            changes.changed().await.unwrap();
+        }
+        assert_eq!(index.len(), 3, "the unparsable entry is left out");
+        let all = index.gather(|_| 10, |_| true);
+        let ids: Vec<&str> = all.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["t2", "t1", "t3"], "default queue first, by rank");
+        assert_eq!(all[0].entry.queue, "default", "empty is the default queue");
+        let heads = index.gather(|q| usize::from(q == "default"), |e| e.id != "t2");
+        assert_eq!(heads.len(), 1);
+        assert_eq!(heads[0].id, "t1");
+
+        // A claim forgets its revision; a later one (re-queued) is kept.
+        let t1 = all[1].clone();
+        index.forget(&[(t1.id.as_str(), t1.mod_revision - 1)]);
+        assert_eq!(index.len(), 3);
+        index.forget(&[(t1.id.as_str(), t1.mod_revision)]);
+        assert_eq!(index.len(), 2);
+        let rev = store.delete(&keys::queued("c", "t3")).await.unwrap();
+        assert!(rev);
+        let t4 = store
+            .put(
+                &keys::queued("c", "t4"),
+                entry(Priority::Critical, 9, ""),
+                0,
+            )
+            .await
+            .unwrap();
+        while *changes.borrow_and_update() < t4 {
+            changes.changed().await.unwrap();
+        }
+        let ids: Vec<String> = index
+            .gather(|_| 10, |_| true)
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["t4", "t2"]);
+    }
+}
