@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ferry_core::task::{Priority, TaskRecord, TaskState};
 use ferry_core::{ErrorCode, keys};
-use ferry_store::{Compare, Op, Txn};
+use ferry_store::{Compare, KeyValue, Op, Txn};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -283,18 +283,31 @@ fn accepted(task_id: &str, task: Option<&TaskRecord>, replayed: bool) -> Respons
 }
 
 /// A task the caller may see; another tenant's task is "not found", like a missing one.
-async fn load(st: &AppState, who: &Principal, id: &str) -> ApiResult<(TaskRecord, i64)> {
-    let bad_id = || ApiError::new(ErrorCode::NotFound, format!("task {id:?} not found"));
+fn task_not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("task {id:?} not found"))
+}
+
+fn valid_task_id(id: &str) -> ApiResult<()> {
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(bad_id());
+        return Err(task_not_found(id));
     }
-    let kv = st.store.get(&keys::task(id)).await?.ok_or_else(bad_id)?;
+    Ok(())
+}
+
+/// The task in `kv`, if `who` may see it (else the same 404 as a missing one).
+fn owned(who: &Principal, id: &str, kv: Option<KeyValue>) -> ApiResult<(TaskRecord, i64)> {
+    let kv = kv.ok_or_else(|| task_not_found(id))?;
     let t: TaskRecord = serde_json::from_slice(&kv.value)
         .map_err(|e| ferry_core::Error::internal(format!("task record: {e}")))?;
     if !who.owns(&t.function) {
-        return Err(bad_id());
+        return Err(task_not_found(id));
     }
     Ok((t, kv.mod_revision))
+}
+
+async fn load(st: &AppState, who: &Principal, id: &str) -> ApiResult<(TaskRecord, i64)> {
+    valid_task_id(id)?;
+    owned(who, id, st.store.get(&keys::task(id)).await?)
 }
 
 pub async fn get(
@@ -302,13 +315,30 @@ pub async fn get(
     who: Who,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (mut t, _) = load(&st, &who, &id).await?;
+    valid_task_id(&id)?;
+    // The task, its cancellation request and its progress at one revision: read apart,
+    // a commit in between could show a running task whose request is already gone.
+    let read = Txn {
+        success: vec![
+            Op::get(keys::task(&id)),
+            Op::get(keys::cancel(&id)),
+            Op::get(keys::progress(&id)),
+        ],
+        ..Txn::default()
+    };
+    let mut gets = st.store.txn(read).await?.gets.into_iter();
+    let (task, cancel, progress_kv) = (
+        gets.next().flatten(),
+        gets.next().flatten(),
+        gets.next().flatten(),
+    );
+    let (mut t, _) = owned(&who, &id, task)?;
     let mut progress = None;
     if !t.state.is_final() {
-        t.cancel_requested = st.store.get(&keys::cancel(&t.id)).await?.is_some();
+        t.cancel_requested = cancel.is_some();
     }
     if t.state == TaskState::Running
-        && let Some(kv) = st.store.get(&keys::progress(&t.id)).await?
+        && let Some(kv) = progress_kv
         && let Ok(p) = serde_json::from_slice::<ferry_core::task::TaskProgress>(&kv.value)
         && p.attempt == t.attempt
     {
