@@ -98,6 +98,13 @@ async fn every_component_reports_health_readiness_and_metrics() {
         .unwrap();
     client.invoke("ok", b"{}".to_vec()).await.unwrap();
     assert!(client.invoke("bad", b"{}".to_vec()).await.is_err());
+    // And one async task: claimed, then committed final.
+    let id = client
+        .submit("ok", b"{}".to_vec(), &Default::default())
+        .await
+        .unwrap();
+    let t = client.wait(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(t["state"], "succeeded", "{t}");
 
     let (_, node) = get(p_node, "/metrics").await;
     let node_label = r#"node="node-ops""#;
@@ -108,7 +115,7 @@ async fn every_component_reports_health_readiness_and_metrics() {
             &[node_label, &format!(r#"outcome="{o}""#)],
         )
     };
-    assert_eq!(outcome("OUTCOME_SUCCEEDED"), Some(1.0), "{node}");
+    assert_eq!(outcome("OUTCOME_SUCCEEDED"), Some(2.0), "{node}");
     assert_eq!(outcome("OUTCOME_FUNCTION_ERROR"), Some(1.0), "{node}");
     assert_eq!(
         sample(&node, "ferry_order_client_connected", &[]),
@@ -120,12 +127,19 @@ async fn every_component_reports_health_readiness_and_metrics() {
     );
     assert_eq!(
         sample(&node, "ferry_order_client_task_duration_seconds_count", &[]),
-        Some(2.0)
+        Some(3.0)
     );
     // Deploying prefetches packages, so a run is cold only if it raced the prefetch.
     let cold = sample(&node, "ferry_order_client_cold_starts_total", &[]).unwrap();
     assert!(cold <= 2.0, "{cold}");
 
+    // The commit is counted right after the store has it: wait (bounded) for that.
+    let counted = common::eventually(Duration::from_secs(5), || async {
+        let (_, os) = get(p_os, "/metrics").await;
+        sample(&os, "ferry_order_server_finished_total", &[]) == Some(1.0)
+    })
+    .await;
+    assert!(counted, "the commit is counted");
     let (_, os) = get(p_os, "/metrics").await;
     assert_eq!(
         sample(&os, "ferry_order_server_nodes", &[r#"state="ready""#]),
@@ -140,6 +154,13 @@ async fn every_component_reports_health_readiness_and_metrics() {
         sample(&os, "ferry_order_server_slots", &[r#"kind="used""#]),
         Some(0.0)
     );
+    for (counter, n) in [
+        ("ferry_order_server_claimed_total", 1.0),
+        ("ferry_order_server_finished_total", 1.0),
+        ("ferry_order_server_retried_total", 0.0),
+    ] {
+        assert_eq!(sample(&os, counter, &[]), Some(n), "{counter}: {os}");
+    }
     let (_, sched) = get(p_sched, "/metrics").await;
     assert_eq!(
         sample(

@@ -3,12 +3,31 @@
 //! it sees), so the scheduling paths carry no metric code.
 
 use std::sync::Weak;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntGauge, IntGaugeVec, Opts};
 
 use crate::service::{Inner, OrderService};
+
+/// Counters the scheduling paths bump (one relaxed add each).
+#[derive(Default)]
+pub(crate) struct Counts {
+    /// Tasks claimed (queued → running).
+    pub claimed: AtomicU64,
+    /// Attempts committed final (succeeded, failed, timed out, cancelled, dead).
+    pub finished: AtomicU64,
+    /// Attempts committed back to the queue for a retry.
+    pub retried: AtomicU64,
+    /// Of those commits, the ones made for another instance or a lost node (orphan
+    /// re-queues, adopted results).
+    pub orphans: AtomicU64,
+}
+
+pub(crate) fn bump(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
 
 /// Builds the gauges anew at each scrape from a (weakly held) service.
 struct Live {
@@ -102,6 +121,34 @@ fn snapshot(s: &OrderService) -> Vec<MetricFamily> {
     ) {
         g.set(s.inner.queue.len() as i64);
         out.extend(g.collect());
+    }
+    let c = &s.inner.counts;
+    for (name, help, v) in [
+        (
+            "ferry_order_server_claimed_total",
+            "Tasks claimed (queued to running) by this instance",
+            &c.claimed,
+        ),
+        (
+            "ferry_order_server_finished_total",
+            "Attempts committed in a final state by this instance",
+            &c.finished,
+        ),
+        (
+            "ferry_order_server_retried_total",
+            "Attempts committed back to the queue for a retry by this instance",
+            &c.retried,
+        ),
+        (
+            "ferry_order_server_orphan_commits_total",
+            "Commits made for a lost instance or node (re-queues, adopted results)",
+            &c.orphans,
+        ),
+    ] {
+        if let Ok(counter) = prometheus::IntCounter::new(name, help) {
+            counter.inc_by(v.load(Ordering::Relaxed));
+            out.extend(counter.collect());
+        }
     }
     if let Some(g) = gauge(
         "ferry_order_server_stale_completions",

@@ -61,6 +61,8 @@ pub(crate) struct Inner {
     pub(crate) capacity_freed: Notify,
     /// Completions refused as stale (an old attempt, or after our lease was lost).
     pub(crate) stale_completions: AtomicU64,
+    /// Claims, commits and orphan re-queues since start (for `/metrics`).
+    pub(crate) counts: crate::metrics::Counts,
     /// The operator's settings for this cluster's nodes (drain, eject, restore).
     node_admin: WatchCache,
     /// Callbacks still to deliver, and a wake-up when a delivery ends.
@@ -115,6 +117,7 @@ impl OrderService {
                 )),
                 capacity_freed: Notify::new(),
                 stale_completions: AtomicU64::new(0),
+                counts: Default::default(),
                 node_admin,
                 callbacks,
                 callback_done: Notify::new(),

@@ -528,7 +528,10 @@ impl OrderService {
         }
         let result = self.inner.store.txn(txn).await;
         let rev = match result {
-            Ok(r) if r.succeeded => r.revision,
+            Ok(r) if r.succeeded => {
+                crate::metrics::bump(&self.inner.counts.claimed, started.len());
+                r.revision
+            }
             other => {
                 // Someone else claimed one of them (or our registration changed):
                 // release every reservation and let the next round re-read.
@@ -781,6 +784,11 @@ impl OrderService {
             .remove(&task_id);
         match committed {
             Ok(true) => {
+                let c = &self.inner.counts;
+                crate::metrics::bump(if requeued { &c.retried } else { &c.finished }, 1);
+                if !as_owner {
+                    crate::metrics::bump(&c.orphans, 1);
+                }
                 debug!(
                     task_id,
                     state = task.state.as_str(),
