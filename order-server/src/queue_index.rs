@@ -3,25 +3,18 @@
 //! class) group sorted by [`queue_rank`]; a claim pass then reads only the heads of the
 //! groups instead of walking and parsing the whole queue (O(queue) per pass).
 //!
-//! Like `ferry_store::WatchCache`: listed once, then watched from the listed revision;
-//! if the watch fails (compacted, lagged, store unavailable) it lists again, with a
-//! backoff while that keeps failing, and swaps the rebuilt index in.
+//! It is a `ferry_store::WatchedView`: listed once, then watched from the listed
+//! revision; if the watch fails (compacted, lagged, store unavailable) it lists again
+//! and swaps the rebuilt index in.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 use ferry_core::task::{Priority, QueueEntry};
-use ferry_store::{EventKind, KeyValue, Revision, Store, StoreError, WatchStream};
-use futures::{FutureExt, StreamExt};
+use ferry_store::{KeyValue, Revision, Store, StoreError, View, WatchedView};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::fairness::{queue_name, queue_rank};
-
-const MAX_APPLY: usize = 4096;
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// One queue entry as the index holds it.
 #[derive(Clone, Debug)]
@@ -35,12 +28,27 @@ pub(crate) struct Indexed {
 }
 
 #[derive(Default)]
-struct Data {
+pub(crate) struct Data {
     /// By task id.
     entries: HashMap<String, Indexed>,
     /// (queue, class) → (rank, task id), ascending.
     groups: BTreeMap<(String, Priority), BTreeSet<(u64, String)>>,
-    revision: Revision,
+}
+
+impl View for Data {
+    fn from_list(kvs: Vec<KeyValue>) -> Self {
+        let mut d = Data::default();
+        for kv in kvs {
+            d.insert(kv);
+        }
+        d
+    }
+    fn put(&mut self, kv: KeyValue) {
+        self.insert(kv);
+    }
+    fn delete(&mut self, key: &str) {
+        self.remove(key.rsplit('/').next().unwrap_or_default());
+    }
 }
 
 impl Data {
@@ -80,82 +88,31 @@ impl Data {
         }
         Some(old)
     }
-
-    fn from_list(kvs: Vec<KeyValue>, revision: Revision) -> Self {
-        let mut d = Data {
-            revision,
-            ..Data::default()
-        };
-        for kv in kvs {
-            d.insert(kv);
-        }
-        d
-    }
-}
-
-struct Shared {
-    data: RwLock<Data>,
-    changes: watch::Sender<Revision>,
-}
-
-struct Handle {
-    shared: Arc<Shared>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// See the module docs. Clones share the index; its watch stops with the last clone.
 #[derive(Clone)]
 pub(crate) struct QueueIndex {
-    inner: Arc<Handle>,
-}
-
-async fn list_and_watch(
-    store: &dyn Store,
-    prefix: &str,
-) -> Result<(Data, WatchStream), StoreError> {
-    let range = store.range(prefix).await?;
-    let stream = store.watch(prefix, range.revision + 1).await?;
-    Ok((Data::from_list(range.kvs, range.revision), stream))
+    view: WatchedView<Data>,
 }
 
 impl QueueIndex {
     /// Lists `prefix` and starts watching it. Fails if the first list or watch fails.
     pub async fn start(store: Arc<dyn Store>, prefix: &str) -> Result<Self, StoreError> {
-        let (data, stream) = list_and_watch(store.as_ref(), prefix).await?;
-        let (changes, _) = watch::channel(data.revision);
-        let shared = Arc::new(Shared {
-            data: RwLock::new(data),
-            changes,
-        });
-        let task = tokio::spawn(run(store, prefix.to_string(), shared.clone(), stream));
         Ok(Self {
-            inner: Arc::new(Handle { shared, task }),
+            view: WatchedView::start(store, prefix).await?,
         })
     }
 
     /// The applied revision; changes after each applied batch of events or re-list.
     pub fn changes(&self) -> watch::Receiver<Revision> {
-        self.inner.shared.changes.subscribe()
+        self.view.changes()
     }
 
     /// Entries indexed (queued tasks, less those our claims took and the watch has
     /// not reported yet).
     pub fn len(&self) -> usize {
-        self.read().entries.len()
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Data> {
-        self.inner
-            .shared
-            .data
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.view.read().entries.len()
     }
 
     /// The first entries of each (queue, class) group, in rank order, that `eligible`
@@ -166,7 +123,7 @@ impl QueueIndex {
         cap: impl Fn(&str) -> usize,
         mut eligible: impl FnMut(&Indexed) -> bool,
     ) -> Vec<Indexed> {
-        let data = self.read();
+        let data = self.view.read();
         let mut out = vec![];
         for ((queue, _), set) in &data.groups {
             let cap = cap(queue);
@@ -194,91 +151,13 @@ impl QueueIndex {
     /// pass does not read them again. Only the claimed revision is dropped: a newer one
     /// (the task re-queued since) stays.
     pub fn forget(&self, claimed: &[(&str, Revision)]) {
-        let mut data = self
-            .inner
-            .shared
-            .data
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        for &(id, rev) in claimed {
-            if data.entries.get(id).is_some_and(|e| e.mod_revision == rev) {
-                data.remove(id);
-            }
-        }
-    }
-}
-
-async fn run(store: Arc<dyn Store>, prefix: String, shared: Arc<Shared>, mut stream: WatchStream) {
-    let mut backoff = MIN_BACKOFF;
-    let mut watching_since = Instant::now();
-    loop {
-        let err = consume(&shared, &mut stream).await;
-        tracing::debug!(prefix = %prefix, error = %err, "queue index: watch ended; re-listing");
-        if watching_since.elapsed() > MAX_BACKOFF * 2 {
-            backoff = MIN_BACKOFF;
-        }
-        loop {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            match list_and_watch(store.as_ref(), &prefix).await {
-                Ok((data, s)) => {
-                    let rev = data.revision;
-                    *shared.data.write().unwrap_or_else(PoisonError::into_inner) = data;
-                    shared.changes.send_replace(rev);
-                    stream = s;
-                    watching_since = Instant::now();
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(prefix = %prefix, error = %e, "queue index: re-list failed")
+        self.view.update(|data| {
+            for &(id, rev) in claimed {
+                if data.entries.get(id).is_some_and(|e| e.mod_revision == rev) {
+                    data.remove(id);
                 }
             }
-        }
-    }
-}
-
-/// Applies events until the stream fails; returns why it stopped.
-async fn consume(shared: &Shared, stream: &mut WatchStream) -> StoreError {
-    loop {
-        let first = match stream.next().await {
-            Some(Ok(ev)) => ev,
-            Some(Err(e)) => return e,
-            None => return StoreError::Unavailable("watch stream ended".into()),
-        };
-        let mut batch = vec![first];
-        let mut failed = None;
-        while batch.len() < MAX_APPLY {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(ev))) => batch.push(ev),
-                Some(Some(Err(e))) => {
-                    failed = Some(e);
-                    break;
-                }
-                Some(None) => {
-                    failed = Some(StoreError::Unavailable("watch stream ended".into()));
-                    break;
-                }
-                None => break,
-            }
-        }
-        let rev = {
-            let mut data = shared.data.write().unwrap_or_else(PoisonError::into_inner);
-            for ev in batch {
-                data.revision = data.revision.max(ev.kv.mod_revision);
-                match ev.kind {
-                    EventKind::Put => data.insert(ev.kv),
-                    EventKind::Delete => {
-                        let id = ev.kv.key.rsplit('/').next().unwrap_or_default();
-                        data.remove(id);
-                    }
-                }
-            }
-            data.revision
-        };
-        shared.changes.send_replace(rev);
-        if let Some(e) = failed {
-            return e;
-        }
+        });
     }
 }
 

@@ -22,7 +22,7 @@ pub mod testing;
 pub mod watch_cache;
 
 pub use lease::LeaseKeeper;
-pub use watch_cache::WatchCache;
+pub use watch_cache::{KeyMap, View, ViewGuard, WatchCache, WatchedView};
 
 /// A store revision. Revisions start at 1 and increase by one per committed write
 /// transaction.
