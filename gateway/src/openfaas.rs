@@ -128,6 +128,23 @@ fn refused(st: &AppState, t: crate::limits::Throttled) -> Response {
     }
 }
 
+/// A path parameter (empty when absent).
+fn param<'a>(params: &'a [(String, String)], key: &str) -> &'a str {
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// The caller, authenticated and within its tenant's rate; else the refusal.
+fn admitted(st: &AppState, headers: &HeaderMap) -> Result<Principal, Box<Response>> {
+    let who = who(st, headers).ok_or_else(|| Box::new(unauthorized()))?;
+    st.limiter
+        .admit_tenant(&who)
+        .map_err(|t| Box::new(refused(st, t)))?;
+    Ok(who)
+}
+
 /// `ANY /function/{name}`.
 pub async fn sync(
     State(st): State<Arc<AppState>>,
@@ -135,25 +152,15 @@ pub async fn sync(
     Path(params): Path<Vec<(String, String)>>,
     req: Request,
 ) -> Response {
-    let name = params
-        .iter()
-        .find(|(k, _)| k == "name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let name = param(&params, "name");
     let (parts, body) = req.into_parts();
-    let Some(who) = who(&st, &parts.headers) else {
-        return unauthorized();
+    let who = match admitted(&st, &parts.headers) {
+        Ok(who) => who,
+        Err(refusal) => return *refusal,
     };
-    let sub_path = params
-        .iter()
-        .find(|(k, _)| k == "path")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_default();
-    if let Err(t) = st.limiter.admit_tenant(&who) {
-        return refused(&st, t);
-    }
+    let sub_path = param(&params, "path");
     let env = request_env(&parts.method, sub_path, parts.uri.query(), &parts.headers);
-    let (shown, qualified) = split_qualifier(&name);
+    let (shown, qualified) = split_qualifier(name);
     let started = std::time::Instant::now();
     let resp = match invoke_sync(
         &st,
@@ -209,23 +216,17 @@ pub async fn submit(
     Path(params): Path<Vec<(String, String)>>,
     req: Request,
 ) -> Response {
-    let name = params
-        .iter()
-        .find(|(k, _)| k == "name")
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default();
+    let name = param(&params, "name");
     let (parts, body) = req.into_parts();
-    let Some(who) = who(&st, &parts.headers) else {
-        return unauthorized();
+    let who = match admitted(&st, &parts.headers) {
+        Ok(who) => who,
+        Err(refusal) => return *refusal,
     };
-    if let Err(t) = st.limiter.admit_tenant(&who) {
-        return refused(&st, t);
-    }
     let mut headers = parts.headers.clone();
     if let Some(url) = parts.headers.get("x-callback-url") {
         headers.insert("x-ferry-callback-url", url.clone());
     }
-    let (shown, qualified) = split_qualifier(&name);
+    let (shown, qualified) = split_qualifier(name);
     let resp = match submit_task(
         &st,
         &who,
