@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, MAX_TXN_OPS, NO_LEASE,
-    Op, Range, Result, Revision, Store, StoreError, Txn, TxnResult, WatchStream,
+    Op, Page, Range, RangeQuery, Result, Revision, Store, StoreError, Txn, TxnResult, WatchStream,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -202,6 +202,20 @@ fn decode(key: &str, b: &[u8]) -> Result<KeyValue> {
         lease: num(3)?,
         value: b.get(HEADER..).unwrap_or_default().to_vec(),
     })
+}
+
+/// etcd's checks of a range: a start key, and an end above it.
+pub(crate) fn check_range(q: &RangeQuery) -> Result<()> {
+    if q.start.is_empty() {
+        return Err(StoreError::InvalidRequest("key is not provided".into()));
+    }
+    if q.end <= q.start {
+        return Err(StoreError::InvalidRequest(format!(
+            "range end {:?} is not above its start {:?}",
+            q.end, q.start
+        )));
+    }
+    Ok(())
 }
 
 fn check_key(key: &str) -> Result<()> {
@@ -1011,6 +1025,27 @@ impl Store for EmbeddedStore {
         Ok(Range {
             kvs: range_of(&st.kvs, prefix).cloned().collect(),
             revision: st.revision,
+        })
+    }
+
+    async fn range_page(&self, q: &RangeQuery) -> Result<Page> {
+        check_range(q)?;
+        let st = read(&self.inner.shared.state);
+        let mut it = st
+            .kvs
+            .range::<str, _>((
+                Bound::Included(q.start.as_str()),
+                Bound::Excluded(q.end.as_str()),
+            ))
+            .map(|(_, kv)| kv);
+        let kvs: Vec<KeyValue> = match q.limit {
+            0 => it.by_ref().cloned().collect(),
+            n => it.by_ref().take(n).cloned().collect(),
+        };
+        Ok(Page {
+            kvs,
+            revision: st.revision,
+            more: it.next().is_some(),
         })
     }
 

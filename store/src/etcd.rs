@@ -12,8 +12,8 @@ use etcd_client as ec;
 use futures::StreamExt;
 
 use crate::{
-    CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, NO_LEASE, Op, Range, Result,
-    Revision, Store, StoreError, Txn, TxnResult, WatchStream,
+    CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseId, NO_LEASE, Op, Page, Range,
+    RangeQuery, Result, Revision, Store, StoreError, Txn, TxnResult, WatchStream,
 };
 
 /// How long connecting to an endpoint may take.
@@ -190,6 +190,29 @@ impl Store for EtcdStore {
         Ok(Range {
             kvs: resp.kvs().iter().map(convert_kv).collect::<Result<_>>()?,
             revision: header_revision(resp.header())?,
+        })
+    }
+
+    async fn range_page(&self, q: &RangeQuery) -> Result<Page> {
+        crate::embedded::check_range(q)?;
+        let mut kv = self.kv.clone();
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        let resp = call(
+            NO_LEASE,
+            kv.get(
+                q.start.as_str(),
+                Some(
+                    ec::GetOptions::new()
+                        .with_range(q.end.as_str())
+                        .with_limit(limit),
+                ),
+            ),
+        )
+        .await?;
+        Ok(Page {
+            kvs: resp.kvs().iter().map(convert_kv).collect::<Result<_>>()?,
+            revision: header_revision(resp.header())?,
+            more: resp.more(),
         })
     }
 

@@ -57,6 +57,65 @@ pub struct Range {
     pub revision: Revision,
 }
 
+/// A bounded slice of the key space, ascending: keys in `[start, end)`, at most `limit`
+/// of them (see [`Store::range_page`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RangeQuery {
+    /// The first key (inclusive); not empty.
+    pub start: String,
+    /// The end (exclusive); above `start`.
+    pub end: String,
+    /// The most keys returned; 0: no limit.
+    pub limit: usize,
+}
+
+impl RangeQuery {
+    /// Every key starting with `prefix` (not empty), at most `limit`.
+    pub fn prefix(prefix: &str, limit: usize) -> Self {
+        Self {
+            start: prefix.to_string(),
+            end: prefix_end(prefix),
+            limit,
+        }
+    }
+
+    /// The keys strictly after `key` (a page's last key), up to the same end.
+    pub fn after(&self, key: &str) -> Self {
+        Self {
+            start: format!("{key}\u{0}"),
+            end: self.end.clone(),
+            limit: self.limit,
+        }
+    }
+}
+
+/// The smallest string above every string that starts with `prefix` (its last
+/// character incremented; UTF-8 order is code-point order). An empty prefix, or one
+/// whose last character cannot be incremented, has no such bound: `"\u{10FFFF}"` then,
+/// above every key Ferry writes.
+pub fn prefix_end(prefix: &str) -> String {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(c) = chars.pop() {
+        // The next scalar value (skipping the surrogate gap).
+        let next = (c as u32 + 1..=char::MAX as u32).find_map(char::from_u32);
+        if let Some(n) = next {
+            chars.push(n);
+            return chars.into_iter().collect();
+        }
+    }
+    char::MAX.to_string()
+}
+
+/// One page of a [`RangeQuery`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    pub kvs: Vec<KeyValue>,
+    /// The store's revision when the page was read.
+    pub revision: Revision,
+    /// Keys of the range were left out by the limit.
+    pub more: bool,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CompareOp {
     Equal,
@@ -276,6 +335,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every key starting with `prefix`, ascending.
     async fn range(&self, prefix: &str) -> Result<Range>;
+
+    /// The first `limit` keys of `[start, end)`, ascending, and whether more are left.
+    /// An empty `start`, or an `end` not above it, fails with
+    /// [`StoreError::InvalidRequest`]. For scans of prefixes too large to read at once:
+    /// continue with [`RangeQuery::after`] the page's last key.
+    async fn range_page(&self, q: &RangeQuery) -> Result<Page>;
 
     /// Writes `key`; returns the revision of the write. `lease` may be [`NO_LEASE`];
     /// an unknown or expired lease fails with [`StoreError::LeaseNotFound`].

@@ -11,7 +11,7 @@ use ferry_store::etcd::EtcdStore;
 use ferry_store::testing::EtcdServer;
 use ferry_store::{
     Compare, CompareOp, CompareTarget, Event, EventKind, KeyValue, LeaseKeeper, NO_LEASE, Op,
-    Store, StoreError, Txn, WatchCache, WatchStream,
+    RangeQuery, Store, StoreError, Txn, WatchCache, WatchStream,
 };
 use futures::StreamExt;
 
@@ -146,6 +146,78 @@ mod suite {
         assert!(r.kvs.is_empty());
         assert_eq!(r.revision, last);
         assert_eq!(s.range("").await.unwrap().kvs.len(), 8);
+    }
+
+    pub async fn range_page(s: Arc<dyn Store>) {
+        let mut last = 0;
+        for k in ["p/3", "p/1", "p/2", "p/20", "p", "q/1", "p/é", "p/4"] {
+            last = s.put(k, v(&format!("val-{k}")), NO_LEASE).await.unwrap();
+        }
+        // Pages of two through the prefix, continued after each page's last key.
+        let mut q = RangeQuery::prefix("p/", 2);
+        let mut seen = vec![];
+        let mut pages = 0;
+        loop {
+            let page = s.range_page(&q).await.unwrap();
+            assert_eq!(page.revision, last);
+            assert!(page.kvs.len() <= 2);
+            pages += 1;
+            seen.extend(page.kvs.iter().map(|kv| kv.key.clone()));
+            if !page.more {
+                break;
+            }
+            q = q.after(&page.kvs.last().unwrap().key);
+        }
+        assert_eq!(seen, ["p/1", "p/2", "p/20", "p/3", "p/4", "p/é"]);
+        assert_eq!(pages, 3);
+        // Bounds: start inclusive, end exclusive; no limit takes all.
+        let q = RangeQuery {
+            start: "p/2".into(),
+            end: "p/4".into(),
+            limit: 0,
+        };
+        let page = s.range_page(&q).await.unwrap();
+        assert_eq!(keys(&page.kvs), ["p/2", "p/20", "p/3"]);
+        assert!(!page.more);
+        assert_eq!(page.kvs[1].value, v("val-p/20"));
+        // A limit the range meets exactly leaves nothing more.
+        let page = s
+            .range_page(&RangeQuery {
+                limit: 3,
+                ..q.clone()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.kvs.len(), 3);
+        assert!(!page.more);
+        // Nothing in range.
+        let page = s.range_page(&RangeQuery::prefix("r/", 5)).await.unwrap();
+        assert!(page.kvs.is_empty() && !page.more);
+        // Bad bounds are refused.
+        for bad in [
+            RangeQuery {
+                start: "".into(),
+                end: "z".into(),
+                limit: 1,
+            },
+            RangeQuery {
+                start: "p/4".into(),
+                end: "p/2".into(),
+                limit: 1,
+            },
+            RangeQuery {
+                start: "p".into(),
+                end: "p".into(),
+                limit: 1,
+            },
+        ] {
+            assert!(
+                matches!(s.range_page(&bad).await, Err(StoreError::InvalidRequest(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(ferry_store::prefix_end("a/"), "a0");
+        assert_eq!(ferry_store::prefix_end("a/é"), "a/ê");
     }
 
     pub async fn delete(s: Arc<dyn Store>) {
@@ -699,6 +771,7 @@ macro_rules! both_backends {
 both_backends!(
     put_get,
     range_prefix,
+    range_page,
     delete,
     compare_and_put,
     txn_compares,
