@@ -256,6 +256,9 @@ pub async fn tasks(a: TasksArgs, env: &Env) -> anyhow::Result<ExitCode> {
     if let Some(s) = &a.state {
         path.push_str(&format!("&state={s}"));
     }
+    if let Some(c) = &a.after {
+        path.push_str(&format!("&after={c}"));
+    }
     let Some(v) = fetch_or_print(&a.client, env, &path, "tasks").await? else {
         return Ok(ExitCode::SUCCESS);
     };
@@ -274,6 +277,9 @@ pub async fn tasks(a: TasksArgs, env: &Env) -> anyhow::Result<ExitCode> {
             txt(&t["attempt"]),
             txt(&t["error"])
         );
+    }
+    if let Some(next) = v["next"].as_str() {
+        eprintln!("more: add --after {next}");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -257,6 +257,9 @@ pub struct TasksArgs {
     pub state: Option<String>,
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+    /// Continue a listing where the last page stopped (the cursor it printed)
+    #[arg(long)]
+    pub after: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }

@@ -174,14 +174,11 @@ async fn callbacks_are_signed_retried_and_recorded_and_old_tasks_expire() {
         err.contains("not_found") || err.contains("no task"),
         "{err}"
     );
-    assert!(
-        cluster
-            .store
-            .range(ferry_core::keys::DONE)
-            .await
-            .unwrap()
-            .kvs
-            .is_empty()
-    );
+    for prefix in [ferry_core::keys::DONE, ferry_core::keys::TASK_INDEX] {
+        assert!(
+            cluster.store.range(prefix).await.unwrap().kvs.is_empty(),
+            "{prefix} is empty after the retention"
+        );
+    }
     cluster.shutdown().await;
 }

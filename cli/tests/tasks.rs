@@ -304,3 +304,184 @@ async fn progress_shows_in_the_task_while_it_runs() {
     );
     cluster.shutdown().await;
 }
+
+/// The page of `/v1/tasks{query}` as (ids, next).
+async fn page(client: &Client, query: &str) -> (Vec<String>, Option<String>) {
+    let v = client.get_json(&format!("/v1/tasks{query}")).await.unwrap();
+    let ids = v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    (ids, v["next"].as_str().map(str::to_string))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_pages_of_an_index_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    // No nodes: every task stays queued.
+    let (cluster, admin) = start(dir.path(), 0).await;
+    let hello = common::hello_package().1;
+    admin.deploy("hello", hello.clone()).await.unwrap();
+    admin
+        .post_json("/v1/tenants", &serde_json::json!({ "id": "acme" }))
+        .await
+        .unwrap();
+    let key = admin
+        .post_json("/v1/tenants/acme/keys", &serde_json::json!({}))
+        .await
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let acme = Client::new(&cluster.url, Some(key));
+    // Its own `hello`: another function than the operator's of that name.
+    acme.deploy("hello", hello).await.unwrap();
+    // 25 of the operator's tasks, one of acme's every fifth; one millisecond apart at
+    // least, so creation times order them.
+    let (mut ours, mut theirs) = (vec![], vec![]);
+    for i in 0..25 {
+        ours.push(
+            admin
+                .submit("hello", b"{}".to_vec(), &opts())
+                .await
+                .unwrap(),
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if i % 5 == 0 {
+            theirs.push(acme.submit("hello", b"{}".to_vec(), &opts()).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let newest_first = |ids: &[String]| ids.iter().rev().cloned().collect::<Vec<_>>();
+
+    // A function's tasks in pages of 10, each continuing where the last stopped.
+    let (p1, next) = page(&admin, "?function=hello&limit=10").await;
+    let (p2, next) = page(
+        &admin,
+        &format!("?function=hello&limit=10&after={}", next.unwrap()),
+    )
+    .await;
+    let (p3, next) = page(
+        &admin,
+        &format!("?function=hello&limit=10&after={}", next.unwrap()),
+    )
+    .await;
+    assert_eq!(next, None, "the last page says there is no more");
+    assert_eq!([p1, p2, p3].concat(), newest_first(&ours));
+
+    // A tenant lists its own tasks only; the admin lists every owner's, merged by time.
+    assert_eq!(page(&acme, "").await.0, newest_first(&theirs));
+    assert_eq!(
+        page(&acme, "?function=hello").await.0,
+        newest_first(&theirs)
+    );
+    assert_eq!(
+        page(&admin, "?function=acme.hello").await.0,
+        newest_first(&theirs)
+    );
+    let (all, next) = page(&admin, "?limit=1000").await;
+    assert_eq!(next, None);
+    assert_eq!(all.len(), ours.len() + theirs.len());
+    let mut created = vec![];
+    for id in &all {
+        created.push(
+            admin.task(id).await.unwrap()["created_ms"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "{created:?}");
+    // The merge pages too.
+    let (first, next) = page(&admin, "?limit=7").await;
+    let (second, _) = page(&admin, &format!("?limit=100&after={}", next.unwrap())).await;
+    assert_eq!([first, second].concat(), all);
+
+    // A time window: created in [since, until).
+    let at = |id: &String| {
+        let admin = admin.clone();
+        let id = id.clone();
+        async move {
+            admin.task(&id).await.unwrap()["created_ms"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let (since, until) = (at(&ours[5]).await, at(&ours[15]).await);
+    let (window, _) = page(
+        &admin,
+        &format!("?function=hello&since_ms={since}&until_ms={until}"),
+    )
+    .await;
+    assert_eq!(window, newest_first(&ours[5..15]));
+    // A state filter skips what does not match.
+    assert_eq!(page(&admin, "?state=succeeded").await, (vec![], None));
+    assert_eq!(
+        page(&admin, "?function=hello&state=queued&limit=3").await.0,
+        newest_first(&ours)[..3]
+    );
+
+    // Bad queries are 400s.
+    for bad in [
+        "?after=nonsense".to_string(),
+        "?after=123/abc".to_string(),
+        format!("?since_ms={until}&until_ms={since}"),
+        "?state=sleeping".to_string(),
+        "?color=red".to_string(),
+    ] {
+        match admin.get_json(&format!("/v1/tasks{bad}")).await {
+            Err(ClientError::Api { status, .. }) => assert_eq!(status, 400, "{bad}"),
+            other => panic!("{bad}: expected a 400, got {other:?}"),
+        }
+    }
+
+    // A task written before the index existed is indexed when a gateway starts.
+    let old = cluster
+        .store
+        .get(&ferry_core::keys::task(&ours[0]))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut record: ferry_core::task::TaskRecord = serde_json::from_slice(&old.value).unwrap();
+    record.id = ferry_core::id::new_id();
+    record.created_ms = 1;
+    cluster
+        .store
+        .put(
+            &ferry_core::keys::task(&record.id),
+            serde_json::to_vec(&record).unwrap(),
+            0,
+        )
+        .await
+        .unwrap();
+    cluster
+        .store
+        .delete(ferry_core::keys::TASK_INDEX_READY)
+        .await
+        .unwrap();
+    // (What every gateway runs as it starts.)
+    let n = ferry_gateway::index_older_tasks(&cluster.store)
+        .await
+        .unwrap();
+    assert_eq!(
+        n,
+        ours.len() + theirs.len() + 1,
+        "every task is indexed once more"
+    );
+    assert_eq!(
+        ferry_gateway::index_older_tasks(&cluster.store)
+            .await
+            .unwrap(),
+        0,
+        "once"
+    );
+    let (listed, _) = page(&admin, "?function=hello&limit=1000").await;
+    assert_eq!(
+        listed.last(),
+        Some(&record.id),
+        "the older task is listed, as the oldest"
+    );
+    assert_eq!(listed.len(), ours.len() + 1);
+    cluster.shutdown().await;
+}

@@ -73,6 +73,49 @@ pub fn task(id: &str) -> String {
     format!("{TASKS}{id}")
 }
 
+/// Listing indexes of tasks, newest first, written with the task and removed with it:
+/// by function, `/ferry/tix/f/{function}/{position}`, and by owner (the tenant, or
+/// [`OPERATOR_OWNER`] for the operator's functions), `/ferry/tix/o/{owner}/{position}`.
+/// A position is `{9999999999999 - created_ms:013}/{task_id}`, so an ascending range
+/// reads the newest first. Values: the function's internal name.
+pub const TASK_INDEX: &str = "/ferry/tix/";
+/// The owner of operator functions (no tenant) in the listing index.
+pub const OPERATOR_OWNER: &str = "-";
+/// The largest creation time a position can hold (year 2286).
+const LAST_MS: u64 = 9_999_999_999_999;
+pub fn tasks_of_function(function: &str) -> String {
+    format!("{TASK_INDEX}f/{function}/")
+}
+pub fn tasks_of_owner(owner: &str) -> String {
+    format!("{TASK_INDEX}o/{owner}/")
+}
+/// The tenant of a function by its internal name (`{tenant}.{name}`), else
+/// [`OPERATOR_OWNER`].
+pub fn owner_of(function: &str) -> &str {
+    function
+        .split_once('.')
+        .map_or(OPERATOR_OWNER, |(tenant, _)| tenant)
+}
+/// A task's place in the listing indexes.
+pub fn task_position(created_ms: u64, task_id: &str) -> String {
+    format!("{:013}/{task_id}", LAST_MS - created_ms.clamp(1, LAST_MS))
+}
+/// The positions of tasks created before `ms` are at or after this bound; those of
+/// tasks created at or after `ms` are before it.
+pub fn position_bound(ms: u64) -> String {
+    format!("{:013}", LAST_MS - ms.clamp(1, LAST_MS) + 1)
+}
+/// A task's two index keys (by function, by owner).
+pub fn task_index(function: &str, created_ms: u64, task_id: &str) -> [String; 2] {
+    let pos = task_position(created_ms, task_id);
+    [
+        format!("{}{pos}", tasks_of_function(function)),
+        format!("{}{pos}", tasks_of_owner(owner_of(function))),
+    ]
+}
+/// Marks a store whose tasks from before the index were indexed.
+pub const TASK_INDEX_READY: &str = "/ferry/meta/task-index";
+
 /// `QueueEntry` per queued task, per cluster: written in the same transaction as the
 /// task, so its mod_revision is the task's; order-servers claim from here.
 pub const QUEUE: &str = "/ferry/queue/";
@@ -101,13 +144,24 @@ pub fn progress(task_id: &str) -> String {
 }
 
 /// Finished tasks by the second they finished, for retention:
-/// `/ferry/done/{cluster}/{second:011}/{task_id}` (empty values).
+/// `/ferry/done/{cluster}/{second:011}/{task_id}`; the value is [`done_value`] (empty
+/// in stores from before the listing index).
 pub const DONE: &str = "/ferry/done/";
 pub fn done_of(cluster: &str) -> String {
     format!("{DONE}{cluster}/")
 }
 pub fn done(cluster: &str, finished_ms: u64, task_id: &str) -> String {
     format!("{DONE}{cluster}/{:011}/{task_id}", finished_ms / 1000)
+}
+
+/// What a finish-time key holds: enough to find the task's index keys.
+pub fn done_value(created_ms: u64, function: &str) -> Vec<u8> {
+    format!("{created_ms} {function}").into_bytes()
+}
+/// The (created_ms, function) of a finish-time key's value.
+pub fn parse_done_value(v: &[u8]) -> Option<(u64, &str)> {
+    let (ms, f) = std::str::from_utf8(v).ok()?.split_once(' ')?;
+    Some((ms.parse().ok()?, f))
 }
 
 /// `CallbackRecord` per finished task whose callback is not delivered yet.
@@ -179,6 +233,26 @@ pub fn queue_def(internal: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn task_positions_sort_newest_first_within_time_bounds() {
+        let older = task_position(1_700_000_000_000, "b");
+        let newer = task_position(1_700_000_000_001, "a");
+        assert!(newer < older);
+        // Created at or after the bound's time: before it; created earlier: after it.
+        let bound = position_bound(1_700_000_000_001);
+        assert!(newer < bound && older >= bound);
+        assert!(task_position(1, "x") < position_bound(1));
+        assert!(task_position(LAST_MS, "x") < position_bound(1));
+        let [f, o] = task_index("acme.resize", 5, "t1");
+        assert!(f.starts_with(&tasks_of_function("acme.resize")));
+        assert!(o.starts_with(&tasks_of_owner("acme")));
+        assert!(task_index("resize", 5, "t1")[1].starts_with(&tasks_of_owner(OPERATOR_OWNER)));
+        assert!(!tasks_of_function("acme.resize2").starts_with(&tasks_of_function("acme.resize")));
+        let v = done_value(42, "acme.resize");
+        assert_eq!(parse_done_value(&v), Some((42, "acme.resize")));
+        assert_eq!(parse_done_value(b""), None);
+    }
 
     #[test]
     fn prefixes_do_not_overlap_between_names() {

@@ -52,7 +52,7 @@ fn native_routes() -> Routes {
                 .delete(crate::aliases::delete),
         ),
         ("/v1/functions/{name}/tasks", post(crate::tasks::submit)),
-        ("/v1/tasks", get(crate::tasks::list)),
+        ("/v1/tasks", get(crate::task_list::list)),
         ("/v1/tasks/{id}", get(crate::tasks::get)),
         ("/v1/tasks/{id}/cancel", post(crate::tasks::cancel)),
         ("/v1/queues", get(crate::queues::list)),

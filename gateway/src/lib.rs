@@ -32,6 +32,8 @@ mod reruns;
 mod routing;
 mod sigv4;
 pub mod sweep;
+mod task_list;
+pub use task_list::backfill as index_older_tasks;
 mod tasks;
 mod tenancy;
 
@@ -171,6 +173,18 @@ pub async fn start(cfg: Config, store: Arc<dyn Store>) -> Result<Running, Gatewa
         metrics: metrics::Metrics::new(),
     });
     let mut tasks = vec![];
+
+    // Index tasks from before the listing index (once per store).
+    let st = store.clone();
+    tasks.push(tokio::spawn(async move {
+        match task_list::backfill(&st).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(tasks = n, "indexed tasks written before the listing index"),
+            Err(e) => {
+                warn!(error = %e, "indexing older tasks failed; they are left out of listings")
+            }
+        }
+    }));
 
     // Forget idempotency keys and re-runs past their windows.
     let every = (cfg.idempotency_window.min(cfg.rerun_retention) / 4)

@@ -166,8 +166,9 @@ pub fn document() -> Value {
                     param("state", "query", "queued, running, succeeded, failed, timed_out, cancelled, dead"),
                     param("since_ms", "query", "created at or after"),
                     param("until_ms", "query", "created before"),
-                    param("limit", "query", "at most (≤ 1000)"),
-                ], None, "200", "{tasks: [...]}"),
+                    param("limit", "query", "at most (≤ 1000; default 100)"),
+                    param("after", "query", "the `next` of the previous page"),
+                ], None, "200", "{tasks: [...], next: cursor or null}"),
             },
             "/v1/tasks/{id}": {
                 "get": op("One task", vec![id()], None, "200", "the task"),

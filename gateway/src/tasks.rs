@@ -205,6 +205,8 @@ pub(crate) async fn submit_task(
             keys::queued(&cluster, &task.id),
             serde_json::to_vec(&task.queue_entry()).unwrap_or_default(),
         ));
+    let [by_function, by_owner] = crate::task_list::index_puts(&task);
+    let base = base.then(by_function).then(by_owner);
     let Some(key) = idempotency_key else {
         st.store.txn(base).await?;
         return Ok(accepted(&task.id, Some(&task), false));
@@ -349,52 +351,6 @@ pub async fn get(
         v["progress"] = serde_json::json!(p);
     }
     Ok(Json(v))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    function: Option<String>,
-    state: Option<String>,
-    since_ms: Option<u64>,
-    until_ms: Option<u64>,
-    limit: Option<usize>,
-}
-
-/// Newest first. (A scan of the task prefix: fine while completed tasks are few; an
-/// index by function and state comes with retention.)
-pub async fn list(
-    State(st): State<Arc<AppState>>,
-    who: Who,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
-    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let state =
-        match q.state.as_deref() {
-            None => None,
-            Some(s) => Some(TaskState::parse(s).ok_or_else(|| {
-                ApiError::new(ErrorCode::BadRequest, format!("unknown state {s:?}"))
-            })?),
-        };
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let function = q.function.as_deref().map(|f| who.internal(f));
-    let r = st.store.range(keys::TASKS).await?;
-    let tasks: Vec<serde_json::Value> = r
-        .kvs
-        .iter()
-        .rev()
-        .filter_map(|kv| serde_json::from_slice::<TaskRecord>(&kv.value).ok())
-        .filter(|t| who.owns(&t.function))
-        .filter(|t| function.as_deref().is_none_or(|f| t.function == f))
-        .filter(|t| state.is_none_or(|s| t.state == s))
-        .filter(|t| {
-            q.since_ms.is_none_or(|s| t.created_ms >= s)
-                && q.until_ms.is_none_or(|u| t.created_ms < u)
-        })
-        .take(limit)
-        .map(|t| view(&who, &t))
-        .collect();
-    Ok(Json(json!({ "tasks": tasks })))
 }
 
 /// Queued: cancelled at once. Running: the owning order-server tells the node to stop,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ferry_core::keys;
 use ferry_core::task::{CallbackRecord, CallbackStatus, CallbackStyle, TaskRecord};
-use ferry_store::{Compare, Op, Txn};
+use ferry_store::{Compare, Op, RangeQuery, StoreError, Txn};
 use hmac::{Hmac, Mac};
 use rand::Rng;
 use serde_json::json;
@@ -131,41 +131,79 @@ impl OrderService {
             }
             let cutoff = ferry_core::now_ms()
                 .saturating_sub(self.inner.cfg.task_retention.as_millis() as u64);
-            let Ok(index) = self.inner.store.range(&keys::done_of(&cluster)).await else {
-                continue;
-            };
-            let prefix = keys::done_of(&cluster);
-            let expired: Vec<(String, String)> = index
+            match self.remove_expired(&cluster, cutoff).await {
+                Ok(0) => {}
+                Ok(n) => info!(removed = n, "finished tasks past their retention removed"),
+                Err(e) => warn!(error = %e, "retention sweep failed; retrying later"),
+            }
+        }
+    }
+
+    /// Removes the tasks of `cluster` that finished in whole seconds before `cutoff`
+    /// (ms), with their finish-time, listing-index and callback keys: a page of the
+    /// finish-time index at a time, so a sweep never reads what is not expired.
+    async fn remove_expired(&self, cluster: &str, cutoff: u64) -> Result<usize, StoreError> {
+        let prefix = keys::done_of(cluster);
+        // Keys of seconds that ended at or before the cutoff sort before this bound.
+        let end = keys::done(cluster, (cutoff / 1000) * 1000, "");
+        if end <= prefix {
+            return Ok(0);
+        }
+        let mut q = RangeQuery {
+            start: prefix.clone(),
+            end,
+            limit: 500,
+        };
+        let mut removed = 0;
+        loop {
+            let page = self.inner.store.range_page(&q).await?;
+            // Finish-time keys from before the listing index hold no value: the
+            // task's record says where its index keys are.
+            let unknown: Vec<String> = page
                 .kvs
                 .iter()
-                .filter_map(|kv| {
-                    let rest = kv.key.strip_prefix(&prefix)?;
-                    let (second, id) = rest.split_once('/')?;
-                    let second: u64 = second.parse().ok()?;
-                    // The whole second must be past the cutoff.
-                    ((second + 1) * 1000 <= cutoff).then(|| (kv.key.clone(), id.to_string()))
-                })
+                .filter(|kv| keys::parse_done_value(&kv.value).is_none())
+                .filter_map(|kv| kv.key.rsplit('/').next().map(keys::task))
                 .collect();
-            if expired.is_empty() {
-                continue;
+            let mut records = std::collections::HashMap::new();
+            for chunk in unknown.chunks(100) {
+                let txn = Txn {
+                    success: chunk.iter().map(|k| Op::get(k.clone())).collect(),
+                    ..Txn::default()
+                };
+                for kv in self.inner.store.txn(txn).await?.gets.into_iter().flatten() {
+                    if let Ok(t) = serde_json::from_slice::<TaskRecord>(&kv.value) {
+                        records.insert(t.id.clone(), (t.created_ms, t.function));
+                    }
+                }
             }
-            for chunk in expired.chunks(40) {
+            for chunk in page.kvs.chunks(20) {
                 let mut txn = Txn::new();
-                for (index_key, id) in chunk {
+                for kv in chunk {
+                    let Some(id) = kv.key.rsplit('/').next() else {
+                        continue;
+                    };
                     txn = txn
                         .then(Op::delete(keys::task(id)))
-                        .then(Op::delete(index_key.clone()))
-                        .then(Op::delete(keys::callback(&cluster, id)));
+                        .then(Op::delete(kv.key.clone()))
+                        .then(Op::delete(keys::callback(cluster, id)));
+                    let listed = match keys::parse_done_value(&kv.value) {
+                        Some((ms, f)) => Some((ms, f.to_string())),
+                        None => records.get(id).cloned(),
+                    };
+                    if let Some((created_ms, function)) = listed {
+                        for k in keys::task_index(&function, created_ms, id) {
+                            txn = txn.then(Op::delete(k));
+                        }
+                    }
                 }
-                if let Err(e) = self.inner.store.txn(txn).await {
-                    warn!(error = %e, "retention sweep failed; retrying later");
-                    break;
-                }
+                self.inner.store.txn(txn).await?;
+                removed += chunk.len();
             }
-            info!(
-                removed = expired.len(),
-                "finished tasks past their retention removed"
-            );
+            match page.kvs.last() {
+                Some(last) if page.more => q = q.after(&last.key),
+                _ => return Ok(removed),
+            }
         }
     }
 
@@ -349,5 +387,99 @@ mod tests {
         assert_eq!(backoff_ms(3, 0.5), 8000);
         assert_eq!(backoff_ms(30, 0.5), 600_000);
         assert!(backoff_ms(2, 0.0) >= 3200 && backoff_ms(2, 1.0) <= 4800);
+    }
+}
+
+#[cfg(test)]
+mod retention {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use ferry_core::model::VersionRecord;
+    use ferry_core::package::{Kind, Limits};
+    use ferry_core::task::{Priority, RetryPolicy};
+    use ferry_store::Store;
+
+    use super::*;
+    use crate::Config;
+
+    fn task(function: &str, created_ms: u64) -> TaskRecord {
+        let version = VersionRecord {
+            name: function.into(),
+            version: 1,
+            sha256: "0".repeat(64),
+            size: 1,
+            kind: Kind::Wasm,
+            limits: Limits::default(),
+            resources: Default::default(),
+            retry: RetryPolicy::default(),
+            created_ms: 0,
+        };
+        TaskRecord::new(
+            ferry_core::id::new_id(),
+            version,
+            "local".into(),
+            Priority::Normal,
+            vec![],
+            created_ms,
+        )
+    }
+
+    #[tokio::test]
+    async fn expired_tasks_go_with_their_index_keys_and_nothing_newer_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let cfg = Config {
+            token: "t".into(),
+            ..Config::default()
+        };
+        let svc = OrderService::start(cfg.clone(), "http://127.0.0.1:1".into(), store.clone())
+            .await
+            .unwrap();
+        let cluster = cfg.cluster.clone();
+        // Finished at 10 s and 20 s (the first written before finish-time keys held
+        // their task's index), and one at 30 s past the cutoff of 25 s.
+        let mut all = vec![];
+        for (finished, with_value) in [(10_000, false), (20_000, true), (30_000, true)] {
+            let mut t = task("acme.resize", finished - 5_000);
+            t.function = "acme.resize".into();
+            let mut txn =
+                Txn::new().then(Op::put(keys::task(&t.id), serde_json::to_vec(&t).unwrap()));
+            for k in keys::task_index(&t.function, t.created_ms, &t.id) {
+                txn = txn.then(Op::put(k, t.function.clone()));
+            }
+            let value = if with_value {
+                keys::done_value(t.created_ms, &t.function)
+            } else {
+                vec![]
+            };
+            txn = txn.then(Op::put(keys::done(&cluster, finished, &t.id), value));
+            store.txn(txn).await.unwrap();
+            all.push(t);
+        }
+        let removed = svc.remove_expired(&cluster, 25_000).await.unwrap();
+        assert_eq!(removed, 2);
+        for t in &all[..2] {
+            assert!(store.get(&keys::task(&t.id)).await.unwrap().is_none());
+        }
+        let kept = &all[2];
+        assert!(store.get(&keys::task(&kept.id)).await.unwrap().is_some());
+        let left: Vec<String> = store
+            .range(keys::TASK_INDEX)
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        assert_eq!(
+            left,
+            keys::task_index(&kept.function, kept.created_ms, &kept.id).to_vec()
+        );
+        assert_eq!(store.range(keys::DONE).await.unwrap().kvs.len(), 1);
+        // Nothing more to remove.
+        assert_eq!(svc.remove_expired(&cluster, 25_000).await.unwrap(), 0);
+        svc.close().await;
     }
 }

@@ -738,7 +738,7 @@ impl OrderService {
                 };
                 txn = txn.then(Op::delete(keys::cancel(&task_id))).then(Op::put(
                     keys::done(&task.cluster, now, &task_id),
-                    Vec::new(),
+                    keys::done_value(task.created_ms, &task.function),
                 ));
                 if task.callback_url.is_some() {
                     let cb = ferry_core::task::CallbackRecord {
