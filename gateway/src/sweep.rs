@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::keys;
-use ferry_store::{Compare, KeyValue, Op, Store, StoreError, Txn};
+use ferry_store::{Compare, KeyValue, Op, RangeQuery, Store, StoreError, Txn};
 use serde::Deserialize;
 
 /// The fields every idempotency entry (sync or async) and re-run record has.
@@ -33,25 +33,35 @@ fn expired(kvs: &[KeyValue], cutoff_ms: u64, now_ms: u64) -> Vec<(String, i64)> 
         .collect()
 }
 
-/// One pass over `prefix`: removes what expired; returns how many.
+/// One pass over `prefix`, a page at a time (so a large prefix is never held at
+/// once): removes what expired; returns how many.
 pub async fn sweep(store: &dyn Store, prefix: &str, keep: Duration) -> Result<usize, StoreError> {
     let now = ferry_core::now_ms();
     let cutoff = now.saturating_sub(keep.as_millis() as u64);
-    let kvs = store.range(prefix).await?.kvs;
+    let mut q = RangeQuery::prefix(prefix, PAGE);
     let mut n = 0;
-    // One at a time: a key reused since the read is kept, and never keeps the others.
-    for (key, rev) in expired(&kvs, cutoff, now) {
-        let r = store
-            .txn(
-                Txn::new()
-                    .when(Compare::mod_revision(&key, rev))
-                    .then(Op::delete(&key)),
-            )
-            .await?;
-        n += usize::from(r.succeeded);
+    loop {
+        let page = store.range_page(&q).await?;
+        // One at a time: a key reused since the read is kept, and never keeps the others.
+        for (key, rev) in expired(&page.kvs, cutoff, now) {
+            let r = store
+                .txn(
+                    Txn::new()
+                        .when(Compare::mod_revision(&key, rev))
+                        .then(Op::delete(&key)),
+                )
+                .await?;
+            n += usize::from(r.succeeded);
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => q = q.after(&last.key),
+            _ => return Ok(n),
+        }
     }
-    Ok(n)
 }
+
+/// Records read per store round trip.
+const PAGE: usize = 500;
 
 /// Sweeps idempotency entries and re-run records every `every` until aborted.
 pub async fn run(
