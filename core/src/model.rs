@@ -172,6 +172,21 @@ pub struct NodeRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub since_ms: u64,
+    /// The node's circuit breaker, once it has been ejected: carried to the instance
+    /// the node attaches to next, so moving (or reconnecting) neither ends an ejection
+    /// nor shortens the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breaker: Option<BreakerRecord>,
+}
+
+/// A node breaker's state as the store keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerRecord {
+    /// Ejections so far (the next one lasts longer).
+    pub ejections: u32,
+    /// Ejected until then (ms since the epoch); 0: closed. A time in the past: the
+    /// half-open probe is due.
+    pub until_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -128,6 +128,28 @@ impl Breaker {
         }
     }
 
+    /// A breaker carried over from another attachment: `ejections` so far, and
+    /// ejected until `until` (None: closed; a time already past: the probe is due).
+    pub fn resumed(now: Instant, ejections: u32, until: Option<Instant>) -> Self {
+        let mut b = Self::new(now);
+        b.ejections = ejections;
+        if let Some(until) = until {
+            b.state = State::Open { until };
+        }
+        b
+    }
+
+    /// What [`Breaker::resumed`] takes to rebuild this one elsewhere: (ejections,
+    /// ejected until); None for a breaker never ejected (or reset).
+    pub fn carried(&self, now: Instant) -> Option<(u32, Option<Instant>)> {
+        let until = match self.state {
+            State::Closed => None,
+            State::Open { until } => Some(until),
+            State::HalfOpen { .. } => Some(now),
+        };
+        (self.ejections > 0 || until.is_some()).then_some((self.ejections, until))
+    }
+
     pub fn state(&self) -> State {
         self.state
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_core::model::{Capacity, NodeAdmin};
+use ferry_core::model::{BreakerRecord, Capacity, NodeAdmin};
 use ferry_core::proto::{self, Outcome, ServerMessage, TaskResult};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
@@ -100,6 +100,42 @@ fn pool_of(tags: &[String]) -> String {
     let mut t = tags.to_vec();
     t.sort();
     t.join(",")
+}
+
+/// A breaker in the store's terms: its ejection time as wall-clock milliseconds.
+fn breaker_record(b: &Breaker, now: Instant) -> Option<BreakerRecord> {
+    let (ejections, until) = b.carried(now)?;
+    let until_ms = until.map_or(0, |u| {
+        ferry_core::now_ms() + u.saturating_duration_since(now).as_millis() as u64
+    });
+    Some(BreakerRecord {
+        ejections,
+        until_ms: until_ms.max(u64::from(until.is_some())),
+    })
+}
+
+/// Whether `pool` may lose one more member to ejection (`of_function`: counting that
+/// function's breakers, else the nodes' own), `except` left out of the count.
+fn pool_has_room(
+    t: &Table,
+    cfg: &BreakerConfig,
+    pool: &str,
+    of_function: Option<&str>,
+    except: Option<&str>,
+) -> bool {
+    let (mut size, mut ejected) = (0, 0);
+    for (id, n) in t.nodes.iter().filter(|(_, n)| n.pool == pool) {
+        size += 1;
+        if except == Some(id.as_str()) {
+            continue;
+        }
+        let out = match of_function {
+            None => n.breaker.is_ejected(),
+            Some(f) => n.fn_breakers.get(f).is_some_and(Breaker::is_ejected),
+        };
+        ejected += usize::from(out);
+    }
+    ejected < cfg.max_ejected(size)
 }
 
 /// A placed task: where it went and how to hear back.
@@ -205,7 +241,9 @@ impl Registry {
 
     /// Adds (or replaces) a node; a replaced attachment's pending tasks fail over. The
     /// breakers of a node that re-attaches here carry over: reconnecting does not
-    /// shorten an ejection.
+    /// shorten an ejection. A node new here resumes the node breaker `carried` from
+    /// its last attachment (see [`Breaker::resumed`]), unless the pool has no room for
+    /// another ejected member: then it starts closed, keeping its ejection count.
     #[allow(clippy::too_many_arguments)]
     pub fn attach(
         &self,
@@ -216,17 +254,19 @@ impl Registry {
         labels: BTreeMap<String, String>,
         packages: Vec<String>,
         tx: Outbound,
+        carried: Option<(u32, Option<Instant>)>,
     ) {
         let now = Instant::now();
+        let pool = pool_of(&tags);
         let mut t = self.lock();
-        let (breaker, fn_breakers) = match t.nodes.remove(id) {
-            Some(old) => (old.breaker, old.fn_breakers),
-            None => (Breaker::new(now), HashMap::new()),
+        let (breaker, fn_breakers, resume) = match t.nodes.remove(id) {
+            Some(old) => (old.breaker, old.fn_breakers, None),
+            None => (Breaker::new(now), HashMap::new(), carried),
         };
         let entry = NodeEntry {
             conn,
             capacity,
-            pool: pool_of(&tags),
+            pool: pool.clone(),
             tags,
             labels,
             tx,
@@ -242,6 +282,22 @@ impl Registry {
             fn_breakers,
         };
         t.nodes.insert(id.to_string(), entry);
+        let Some((ejections, until)) = resume else {
+            return;
+        };
+        let until = match until {
+            Some(_) if !pool_has_room(&t, &self.cfg.breaker, &pool, None, Some(id)) => {
+                self.emit(NodeEvent::Spared {
+                    node: id.to_string(),
+                    function: None,
+                });
+                None
+            }
+            u => u,
+        };
+        if let Some(n) = t.nodes.get_mut(id) {
+            n.breaker = Breaker::resumed(now, ejections, until);
+        }
     }
 
     /// Returns false when that attachment is already gone.
@@ -274,14 +330,25 @@ impl Registry {
     }
 
     /// Removes the node if `conn` is still its attachment; returns its attach revision.
-    pub fn detach(&self, id: &str, conn: u64) -> Option<i64> {
+    /// Removes that attachment: its attach revision and its node breaker, to carry.
+    pub fn detach(&self, id: &str, conn: u64) -> Option<(i64, Option<BreakerRecord>)> {
         let mut t = self.lock();
         if t.nodes.get(id).is_some_and(|n| n.conn == conn) {
             // Dropping the pending senders tells every waiting caller the node is lost.
-            t.nodes.remove(id).map(|n| n.attach_rev)
+            t.nodes
+                .remove(id)
+                .map(|n| (n.attach_rev, breaker_record(&n.breaker, Instant::now())))
         } else {
             None
         }
+    }
+
+    /// The node breaker as the node's record keeps it (None: never ejected).
+    pub fn breaker_record(&self, id: &str) -> Option<BreakerRecord> {
+        let t = self.lock();
+        t.nodes
+            .get(id)
+            .and_then(|n| breaker_record(&n.breaker, Instant::now()))
     }
 
     /// Returns true when the node was suspect and is back.
@@ -497,18 +564,8 @@ impl Registry {
         // breakers ask for it only when a threshold is crossed. While it runs, the
         // breaker being decided is out of the table (a closed one stands in for it,
         // which is what it is until it trips).
-        let room = |t: &Table, of_function: Option<&str>| {
-            let (mut size, mut ejected) = (0, 0);
-            for n in t.nodes.values().filter(|n| n.pool == pool) {
-                size += 1;
-                let out = match of_function {
-                    None => n.breaker.is_ejected(),
-                    Some(f) => n.fn_breakers.get(f).is_some_and(Breaker::is_ejected),
-                };
-                ejected += usize::from(out);
-            }
-            ejected < cfg.max_ejected(size)
-        };
+        let room =
+            |t: &Table, of_function: Option<&str>| pool_has_room(t, &cfg, &pool, of_function, None);
         let mut events = vec![];
         match node {
             Some(failed) => {
@@ -760,8 +817,96 @@ mod tests {
             slots: 8,
             ..Capacity::default()
         };
-        r.attach(id, 1, cap, vec!["cpu".into()], BTreeMap::new(), vec![], tx);
+        r.attach(
+            id,
+            1,
+            cap,
+            vec!["cpu".into()],
+            BTreeMap::new(),
+            vec![],
+            tx,
+            None,
+        );
         rx
+    }
+
+    fn attach_carrying(
+        r: &Registry,
+        id: &str,
+        carried: (u32, Option<Instant>),
+    ) -> mpsc::Receiver<Result<ServerMessage, tonic::Status>> {
+        let (tx, rx) = mpsc::channel(64);
+        let cap = Capacity {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            slots: 8,
+            ..Capacity::default()
+        };
+        r.attach(
+            id,
+            1,
+            cap,
+            vec!["cpu".into()],
+            BTreeMap::new(),
+            vec![],
+            tx,
+            Some(carried),
+        );
+        rx
+    }
+
+    #[test]
+    fn an_ejection_carried_from_another_attachment_holds_and_counts_on() {
+        let (etx, mut erx) = mpsc::unbounded_channel();
+        let r = registry(etx);
+        let _b = attach(&r, "b");
+        let until = Instant::now() + Duration::from_millis(300);
+        let _a = attach_carrying(&r, "a", (2, Some(until)));
+        // Ejected: none of many placements goes to "a" while the ejection lasts.
+        let mut n = 0;
+        for _ in 0..12 {
+            assert_ne!(run(&r, &mut n, "f", Outcome::Succeeded).unwrap(), "a");
+        }
+        let rec = r.breaker_record("a").unwrap();
+        assert_eq!(rec.ejections, 2);
+        assert!(rec.until_ms > ferry_core::now_ms(), "{rec:?}");
+        // It takes the pool's budget (1 of 3): another carried ejection is spared.
+        let _e = attach_carrying(&r, "e", (1, Some(until)));
+        assert!(matches!(erx.try_recv(), Ok(NodeEvent::Spared { node, .. }) if node == "e"));
+        assert_eq!(
+            r.breaker_record("e").unwrap().until_ms,
+            0,
+            "closed, count kept"
+        );
+        assert_eq!(r.breaker_record("e").unwrap().ejections, 1);
+        // After it, "a" gets the probe; a failure ejects it a third time, for longer.
+        std::thread::sleep(Duration::from_millis(350));
+        let mut on_a = vec![];
+        for i in 0..20 {
+            let id = format!("q{i}");
+            if let Some(p) = r.place(&id, "sha", "f", &need(), &HashSet::new())
+                && p.node_id == "a"
+            {
+                on_a.push(id);
+            }
+        }
+        assert_eq!(on_a.len(), 1, "one probe, nothing else: {on_a:?}");
+        let failed = TaskResult {
+            task_id: on_a[0].clone(),
+            outcome: Outcome::Failed as i32,
+            ..TaskResult::default()
+        };
+        r.complete("a", 1, &on_a[0], Reply::Done(failed));
+        let ev = erx.try_recv().unwrap();
+        assert!(
+            matches!(&ev, NodeEvent::Ejected { node, function: None, ejections: 3, for_ms } if node == "a" && *for_ms >= 550),
+            "{ev:?}"
+        );
+        // What a detach hands on to the next attachment.
+        let (_, carried) = r.detach("a", 1).unwrap();
+        assert_eq!(carried.unwrap().ejections, 3);
+        // A node never ejected carries nothing.
+        assert_eq!(r.detach("b", 1).unwrap().1, None);
     }
 
     fn need() -> Need {

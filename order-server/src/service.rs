@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_core::model::{
-    Capacity, NodeAdmin, NodeAdminRecord, NodeRecord, NodeState, OrderServerRecord, VersionRecord,
+    BreakerRecord, Capacity, NodeAdmin, NodeAdminRecord, NodeRecord, NodeState, OrderServerRecord,
+    VersionRecord,
 };
 use ferry_core::proto::{
     self, Assignment, InvokeReply, InvokeRequest, NodeMessage, Prefetch, Registered, ServerMessage,
@@ -307,19 +308,46 @@ impl OrderService {
     /// Removes the node from placement at once; records the transition in the
     /// background (a slow store must not keep a dead node placeable).
     fn detach(&self, node_id: &str, conn: u64, why: &str) {
-        let Some(attach_rev) = self.inner.nodes.detach(node_id, conn) else {
+        let Some((attach_rev, breaker)) = self.inner.nodes.detach(node_id, conn) else {
             return;
         };
         info!(node_id, why, "node detached");
         self.inner.changed.notify_one();
         let svc = self.clone();
         let node_id = node_id.to_string();
-        tokio::spawn(async move { svc.record_dead(&node_id, attach_rev).await });
+        tokio::spawn(async move { svc.record_dead(&node_id, attach_rev, breaker).await });
+    }
+
+    /// The node breaker a node's last attachment left in its record (None when it was
+    /// never ejected, when an operator restored it since, or when the store does not
+    /// answer within a second: attaching does not wait longer on the store).
+    async fn carried_breaker(&self, node_id: &str) -> Option<(u32, Option<Instant>)> {
+        let cluster = &self.inner.cfg.cluster;
+        let key = keys::node(cluster, node_id);
+        let kv = tokio::time::timeout(Duration::from_secs(1), self.inner.store.get(&key))
+            .await
+            .ok()?
+            .ok()??;
+        let record: NodeRecord = serde_json::from_slice(&kv.value).ok()?;
+        let b = record.breaker?;
+        let restored = self
+            .inner
+            .node_admin
+            .get(&keys::node_admin(cluster, node_id))
+            .and_then(|kv| serde_json::from_slice::<NodeAdminRecord>(&kv.value).ok())
+            .is_some_and(|a| a.state == NodeAdmin::Active && a.since_ms >= record.since_ms);
+        if restored {
+            return None;
+        }
+        let now_ms = ferry_core::now_ms();
+        let until = (b.until_ms > 0)
+            .then(|| Instant::now() + Duration::from_millis(b.until_ms.saturating_sub(now_ms)));
+        Some((b.ejections, until))
     }
 
     /// Writes the node's `dead` record, fenced on our own attach write: if the node has
     /// attached elsewhere since, the record is no longer ours to change.
-    async fn record_dead(&self, node_id: &str, attach_rev: i64) {
+    async fn record_dead(&self, node_id: &str, attach_rev: i64, breaker: Option<BreakerRecord>) {
         if attach_rev <= 0 {
             return;
         }
@@ -332,6 +360,7 @@ impl OrderService {
             tags: vec![],
             labels: Default::default(),
             since_ms: ferry_core::now_ms(),
+            breaker,
         };
         let key = keys::node(&self.inner.cfg.cluster, node_id);
         if let Err(e) = self
@@ -367,6 +396,7 @@ impl OrderService {
             tags,
             labels,
             since_ms: ferry_core::now_ms(),
+            breaker: self.inner.nodes.breaker_record(node_id),
         };
         let key = keys::node(&self.inner.cfg.cluster, node_id);
         match self
@@ -437,6 +467,11 @@ impl OrderService {
                 info!(nodes = ?restored, "nodes restored by an operator");
             }
             self.inner.nodes.set_admin(admin, &restored);
+            // Their records forget the breakers too (for the node's next attachment).
+            for node in restored {
+                let svc = self.clone();
+                tokio::spawn(async move { svc.record_state(&node, NodeState::Attached).await });
+            }
             self.inner.capacity_freed.notify_one();
             if changes.changed().await.is_err() {
                 return;
@@ -531,6 +566,7 @@ impl proto::order_server::Order for OrderService {
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
         let node_id = reg.node_id.clone();
+        let carried = self.carried_breaker(&node_id).await;
         self.inner.nodes.attach(
             &node_id,
             conn,
@@ -539,6 +575,7 @@ impl proto::order_server::Order for OrderService {
             reg.labels.clone().into_iter().collect(),
             reg.cached_packages.clone(),
             tx.clone(),
+            carried,
         );
         let hello = ServerMessage {
             msg: Some(server_message::Msg::Registered(Registered {
@@ -551,15 +588,20 @@ impl proto::order_server::Order for OrderService {
         self.inner.capacity_freed.notify_one();
 
         // Transition to the store: attached here, fenced by the revision we wrote.
+        let breaker = self.inner.nodes.breaker_record(&node_id);
         let record = NodeRecord {
             id: node_id.clone(),
             cluster: self.inner.cfg.cluster.clone(),
-            state: NodeState::Attached,
+            state: match breaker {
+                Some(b) if b.until_ms > 0 => NodeState::Ejected,
+                _ => NodeState::Attached,
+            },
             order_server: self.inner.cfg.id.clone(),
             capacity,
             tags: reg.tags,
             labels: reg.labels.into_iter().collect(),
             since_ms: ferry_core::now_ms(),
+            breaker,
         };
         let svc = self.clone();
         let reader_node = node_id.clone();
@@ -591,7 +633,7 @@ impl proto::order_server::Order for OrderService {
             {
                 Ok(rev) => {
                     if !svc.inner.nodes.set_attach_rev(&node_id, conn, rev) {
-                        svc.record_dead(&node_id, rev).await;
+                        svc.record_dead(&node_id, rev, breaker).await;
                     }
                 }
                 Err(e) => warn!(node_id = %node_id, error = %e, "could not record node attach"),
