@@ -63,6 +63,13 @@ pub struct Cluster {
     scheduler: ferry_cluster_scheduler::Running,
     order_server: ferry_order_server::Running,
     agents: Vec<ferry_order_client::Running>,
+    agent_settings: AgentSettings,
+}
+
+/// What every node agent of the cluster is started with.
+struct AgentSettings {
+    cgroup: ferry_runtime::cgroup::CgroupSetting,
+    function_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -102,44 +109,68 @@ impl Cluster {
         )
         .await
         .context("start the gateway")?;
-        let mut agents = vec![];
-        for i in 1..=cfg.nodes {
-            let node_id = format!("node-{i}");
-            let cache_dir = cfg.data_dir.join("nodes").join(&node_id);
-            let runtime = ferry_runtime::Runtime::new(ferry_runtime::Config {
-                cache_dir: cache_dir.clone(),
-                cgroup: cfg.cgroup.clone(),
-                ..Default::default()
-            })
-            .with_context(|| format!("start the runtime of {node_id}"))?;
-            let mut c = ferry_order_client::Config::detect(node_id);
-            c.order_servers = vec![order_server.url.clone()];
-            c.gateway = Some(gateway.url.clone());
-            c.token = Some(cfg.token.clone());
-            c.cache_dir = cache_dir.clone();
-            // Functions that submit tasks of their own (the transcode's segments) call
-            // this gateway with the cluster credential.
-            c.function_env = vec![
-                ("FERRY_API_URL".into(), gateway.url.clone()),
-                ("FERRY_API_TOKEN".into(), cfg.token.clone()),
-            ];
-            c.function_env.extend(cfg.function_env.iter().cloned());
-            agents.push(ferry_order_client::start(
-                c,
-                Some(store.clone()),
-                runtime.clone(),
-            ));
-        }
-        Ok(Cluster {
+        let mut cluster = Cluster {
             url: gateway.url.clone(),
-            token: cfg.token,
-            data_dir: cfg.data_dir,
+            token: cfg.token.clone(),
+            data_dir: cfg.data_dir.clone(),
             store,
             gateway,
             scheduler,
             order_server,
-            agents,
+            agents: vec![],
+            agent_settings: AgentSettings {
+                cgroup: cfg.cgroup.clone(),
+                function_env: cfg.function_env.clone(),
+            },
+        };
+        for i in 1..=cfg.nodes {
+            let agent = cluster.start_agent(i as usize)?;
+            cluster.agents.push(agent);
+        }
+        Ok(cluster)
+    }
+
+    /// Starts node agent `node-{i}` (1-based) on its cache folder under the data dir.
+    fn start_agent(&self, i: usize) -> anyhow::Result<ferry_order_client::Running> {
+        let node_id = format!("node-{i}");
+        let cache_dir = self.data_dir.join("nodes").join(&node_id);
+        let runtime = ferry_runtime::Runtime::new(ferry_runtime::Config {
+            cache_dir: cache_dir.clone(),
+            cgroup: self.agent_settings.cgroup.clone(),
+            ..Default::default()
         })
+        .with_context(|| format!("start the runtime of {node_id}"))?;
+        let mut c = ferry_order_client::Config::detect(node_id);
+        c.order_servers = vec![self.order_server.url.clone()];
+        c.gateway = Some(self.url.clone());
+        c.token = Some(self.token.clone());
+        c.cache_dir = cache_dir;
+        // Functions that submit tasks of their own (the transcode's segments) call
+        // this gateway with the cluster credential.
+        c.function_env = vec![
+            ("FERRY_API_URL".into(), self.url.clone()),
+            ("FERRY_API_TOKEN".into(), self.token.clone()),
+        ];
+        c.function_env
+            .extend(self.agent_settings.function_env.iter().cloned());
+        Ok(ferry_order_client::start(
+            c,
+            Some(self.store.clone()),
+            runtime,
+        ))
+    }
+
+    /// Stops node agent `index` (0-based) and starts it again with the same id and
+    /// cache: its stream closes, and the new agent attaches afresh.
+    pub async fn restart_node(&mut self, index: usize) -> anyhow::Result<()> {
+        if index >= self.agents.len() {
+            anyhow::bail!("there is no node agent {index}");
+        }
+        let old = self.agents.remove(index);
+        old.shutdown().await;
+        let agent = self.start_agent(index + 1)?;
+        self.agents.insert(index, agent);
+        Ok(())
     }
 
     /// The order-server's gRPC URL.

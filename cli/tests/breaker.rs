@@ -198,3 +198,89 @@ async fn drained_and_ejected_nodes_get_no_work_until_restored() {
     assert_eq!(admin.kvs.len(), 2, "only node-1 and node-2 have settings");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejection_outlasts_the_node_reconnecting_and_an_operator_restore_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("node-1-is-broken");
+    std::fs::write(&mark, b"").unwrap();
+    let mut tuning = ferry_cli::up::Tuning::default();
+    tuning.breaker.consecutive = 3;
+    tuning.breaker.base_ejection = Duration::from_secs(60);
+    tuning.breaker.jitter = 0.0;
+    let (mut cluster, client) = start_cluster_tuned(&dir.path().join("data"), 2, tuning).await;
+    client
+        .deploy("flaky", native_package("flaky", &flaky_script(&mark), ""))
+        .await
+        .unwrap();
+    let mut failures = 0;
+    for _ in 0..10 {
+        if !invoke(&client).await.1 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3, "node-1 is ejected for flaky after 3 failures");
+    // The ejection is in node-1's record, for whichever attachment comes next.
+    let recorded = common::eventually(Duration::from_secs(5), || async {
+        let kvs = cluster
+            .store
+            .range(ferry_core::keys::NODES)
+            .await
+            .unwrap()
+            .kvs;
+        kvs.iter().any(|kv| {
+            let r: ferry_core::model::NodeRecord = serde_json::from_slice(&kv.value).unwrap();
+            r.id == "node-1"
+                && r.function_breakers
+                    .get("flaky")
+                    .is_some_and(|b| b.ejections == 1 && b.until_ms > ferry_core::now_ms())
+        })
+    })
+    .await;
+    assert!(recorded, "the ejection is recorded");
+
+    // node-1's agent goes away and comes back: its stream closes, a new one attaches.
+    cluster.restart_node(0).await.unwrap();
+    let back = common::eventually(Duration::from_secs(15), || async {
+        let list = nodes(&client).await;
+        list.iter()
+            .any(|n| n["id"] == "node-1" && n["state"] == "ready")
+    })
+    .await;
+    assert!(back, "node-1 attached again");
+    let list = nodes(&client).await;
+    let n1 = node(&list, "node-1");
+    assert_eq!(n1["function_breakers"][0]["function"], "flaky", "{n1}");
+    assert_eq!(
+        n1["function_breakers"][0]["state"], "open",
+        "still ejected: {n1}"
+    );
+    assert_eq!(n1["function_breakers"][0]["ejections"], 1, "{n1}");
+    for _ in 0..8 {
+        assert_eq!(
+            invoke(&client).await,
+            ("node-2".to_string(), true),
+            "no flaky work for node-1 during its ejection"
+        );
+    }
+
+    // An operator's restore ends it, and a reconnect does not bring it back.
+    std::fs::remove_file(&mark).unwrap();
+    client
+        .post_json("/v1/nodes/node-1/restore", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            node(&nodes(&client).await, "node-1")["function_breakers"] == serde_json::json!([])
+        })
+        .await
+    );
+    cluster.restart_node(0).await.unwrap();
+    let ran_on_node_1 = common::eventually(Duration::from_secs(15), || async {
+        invoke(&client).await == ("node-1".to_string(), true)
+    })
+    .await;
+    assert!(ran_on_node_1, "node-1 takes flaky work again");
+    cluster.shutdown().await;
+}

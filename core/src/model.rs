@@ -177,6 +177,9 @@ pub struct NodeRecord {
     /// nor shortens the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub breaker: Option<BreakerRecord>,
+    /// The node × function breakers that were ejected, by function (the same way).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub function_breakers: BTreeMap<String, BreakerRecord>,
 }
 
 /// A node breaker's state as the store keeps it.

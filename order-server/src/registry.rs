@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_core::model::{BreakerRecord, Capacity, NodeAdmin};
+use ferry_core::model::{BreakerRecord, Capacity, NodeAdmin, NodeState};
 use ferry_core::proto::{self, Outcome, ServerMessage, TaskResult};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
@@ -103,15 +103,44 @@ fn pool_of(tags: &[String]) -> String {
 }
 
 /// A breaker in the store's terms: its ejection time as wall-clock milliseconds.
-fn breaker_record(b: &Breaker, now: Instant) -> Option<BreakerRecord> {
+fn breaker_record(b: &Breaker, now: Instant, now_ms: u64) -> Option<BreakerRecord> {
     let (ejections, until) = b.carried(now)?;
     let until_ms = until.map_or(0, |u| {
-        ferry_core::now_ms() + u.saturating_duration_since(now).as_millis() as u64
+        (now_ms + u.saturating_duration_since(now).as_millis() as u64).max(1)
     });
     Some(BreakerRecord {
         ejections,
-        until_ms: until_ms.max(u64::from(until.is_some())),
+        until_ms,
     })
+}
+
+/// A stored breaker as [`Breaker::resumed`] takes it.
+fn resumable(r: &BreakerRecord, now: Instant, now_ms: u64) -> (u32, Option<Instant>) {
+    let until =
+        (r.until_ms > 0).then(|| now + Duration::from_millis(r.until_ms.saturating_sub(now_ms)));
+    (r.ejections, until)
+}
+
+/// A node's breakers as its record keeps them: its own, and those per function that
+/// were ever ejected.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub node: Option<BreakerRecord>,
+    pub functions: BTreeMap<String, BreakerRecord>,
+}
+
+impl Carried {
+    fn of(n: &NodeEntry) -> Self {
+        let (now, now_ms) = (Instant::now(), ferry_core::now_ms());
+        Self {
+            node: breaker_record(&n.breaker, now, now_ms),
+            functions: n
+                .fn_breakers
+                .iter()
+                .filter_map(|(f, b)| Some((f.clone(), breaker_record(b, now, now_ms)?)))
+                .collect(),
+        }
+    }
 }
 
 /// Whether `pool` may lose one more member to ejection (`of_function`: counting that
@@ -254,14 +283,14 @@ impl Registry {
         labels: BTreeMap<String, String>,
         packages: Vec<String>,
         tx: Outbound,
-        carried: Option<(u32, Option<Instant>)>,
+        carried: Carried,
     ) {
         let now = Instant::now();
         let pool = pool_of(&tags);
         let mut t = self.lock();
         let (breaker, fn_breakers, resume) = match t.nodes.remove(id) {
             Some(old) => (old.breaker, old.fn_breakers, None),
-            None => (Breaker::new(now), HashMap::new(), carried),
+            None => (Breaker::new(now), HashMap::new(), Some(carried)),
         };
         let entry = NodeEntry {
             conn,
@@ -282,21 +311,34 @@ impl Registry {
             fn_breakers,
         };
         t.nodes.insert(id.to_string(), entry);
-        let Some((ejections, until)) = resume else {
+        let Some(carried) = resume else {
             return;
         };
-        let until = match until {
-            Some(_) if !pool_has_room(&t, &self.cfg.breaker, &pool, None, Some(id)) => {
+        // Each carried ejection holds if the pool has room for it; else that breaker
+        // starts closed (keeping its count), as a new ejection would be spared.
+        let now_ms = ferry_core::now_ms();
+        let resume = |function: Option<&str>, rec: &BreakerRecord| {
+            let (ejections, mut until) = resumable(rec, now, now_ms);
+            if until.is_some() && !pool_has_room(&t, &self.cfg.breaker, &pool, function, Some(id)) {
                 self.emit(NodeEvent::Spared {
                     node: id.to_string(),
-                    function: None,
+                    function: function.map(str::to_string),
                 });
-                None
+                until = None;
             }
-            u => u,
+            Breaker::resumed(now, ejections, until)
         };
+        let node = carried.node.as_ref().map(|r| resume(None, r));
+        let functions: Vec<(String, Breaker)> = carried
+            .functions
+            .iter()
+            .map(|(f, r)| (f.clone(), resume(Some(f), r)))
+            .collect();
         if let Some(n) = t.nodes.get_mut(id) {
-            n.breaker = Breaker::resumed(now, ejections, until);
+            if let Some(b) = node {
+                n.breaker = b;
+            }
+            n.fn_breakers.extend(functions);
         }
     }
 
@@ -330,25 +372,37 @@ impl Registry {
     }
 
     /// Removes the node if `conn` is still its attachment; returns its attach revision.
-    /// Removes that attachment: its attach revision and its node breaker, to carry.
-    pub fn detach(&self, id: &str, conn: u64) -> Option<(i64, Option<BreakerRecord>)> {
+    /// Removes that attachment: its attach revision and its breakers, to carry.
+    pub fn detach(&self, id: &str, conn: u64) -> Option<(i64, Carried)> {
         let mut t = self.lock();
         if t.nodes.get(id).is_some_and(|n| n.conn == conn) {
             // Dropping the pending senders tells every waiting caller the node is lost.
-            t.nodes
-                .remove(id)
-                .map(|n| (n.attach_rev, breaker_record(&n.breaker, Instant::now())))
+            t.nodes.remove(id).map(|n| (n.attach_rev, Carried::of(&n)))
         } else {
             None
         }
     }
 
-    /// The node breaker as the node's record keeps it (None: never ejected).
-    pub fn breaker_record(&self, id: &str) -> Option<BreakerRecord> {
-        let t = self.lock();
-        t.nodes
+    /// The state a node's record should show now (None: not attached here).
+    pub fn node_state(&self, id: &str) -> Option<NodeState> {
+        self.lock().nodes.get(id).map(|n| {
+            if n.suspect {
+                NodeState::Suspect
+            } else if n.breaker.is_ejected() {
+                NodeState::Ejected
+            } else {
+                NodeState::Attached
+            }
+        })
+    }
+
+    /// The node's breakers as its record keeps them (empty: never ejected).
+    pub fn carried(&self, id: &str) -> Carried {
+        self.lock()
+            .nodes
             .get(id)
-            .and_then(|n| breaker_record(&n.breaker, Instant::now()))
+            .map(Carried::of)
+            .unwrap_or_default()
     }
 
     /// Returns true when the node was suspect and is back.
@@ -825,7 +879,7 @@ mod tests {
             BTreeMap::new(),
             vec![],
             tx,
-            None,
+            Carried::default(),
         );
         rx
     }
@@ -833,7 +887,7 @@ mod tests {
     fn attach_carrying(
         r: &Registry,
         id: &str,
-        carried: (u32, Option<Instant>),
+        carried: Carried,
     ) -> mpsc::Receiver<Result<ServerMessage, tonic::Status>> {
         let (tx, rx) = mpsc::channel(64);
         let cap = Capacity {
@@ -850,7 +904,7 @@ mod tests {
             BTreeMap::new(),
             vec![],
             tx,
-            Some(carried),
+            carried,
         );
         rx
     }
@@ -860,25 +914,27 @@ mod tests {
         let (etx, mut erx) = mpsc::unbounded_channel();
         let r = registry(etx);
         let _b = attach(&r, "b");
-        let until = Instant::now() + Duration::from_millis(300);
-        let _a = attach_carrying(&r, "a", (2, Some(until)));
+        let ejected = |ejections, for_ms| Carried {
+            node: Some(BreakerRecord {
+                ejections,
+                until_ms: ferry_core::now_ms() + for_ms,
+            }),
+            ..Carried::default()
+        };
+        let _a = attach_carrying(&r, "a", ejected(2, 300));
         // Ejected: none of many placements goes to "a" while the ejection lasts.
         let mut n = 0;
         for _ in 0..12 {
             assert_ne!(run(&r, &mut n, "f", Outcome::Succeeded).unwrap(), "a");
         }
-        let rec = r.breaker_record("a").unwrap();
+        let rec = r.carried("a").node.unwrap();
         assert_eq!(rec.ejections, 2);
         assert!(rec.until_ms > ferry_core::now_ms(), "{rec:?}");
         // It takes the pool's budget (1 of 3): another carried ejection is spared.
-        let _e = attach_carrying(&r, "e", (1, Some(until)));
+        let _e = attach_carrying(&r, "e", ejected(1, 300));
         assert!(matches!(erx.try_recv(), Ok(NodeEvent::Spared { node, .. }) if node == "e"));
-        assert_eq!(
-            r.breaker_record("e").unwrap().until_ms,
-            0,
-            "closed, count kept"
-        );
-        assert_eq!(r.breaker_record("e").unwrap().ejections, 1);
+        let e = r.carried("e").node.unwrap();
+        assert_eq!((e.ejections, e.until_ms), (1, 0), "closed, its count kept");
         // After it, "a" gets the probe; a failure ejects it a third time, for longer.
         std::thread::sleep(Duration::from_millis(350));
         let mut on_a = vec![];
@@ -904,9 +960,9 @@ mod tests {
         );
         // What a detach hands on to the next attachment.
         let (_, carried) = r.detach("a", 1).unwrap();
-        assert_eq!(carried.unwrap().ejections, 3);
+        assert_eq!(carried.node.unwrap().ejections, 3);
         // A node never ejected carries nothing.
-        assert_eq!(r.detach("b", 1).unwrap().1, None);
+        assert_eq!(r.detach("b", 1).unwrap().1, Carried::default());
     }
 
     fn need() -> Need {

@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_core::model::{
-    BreakerRecord, Capacity, NodeAdmin, NodeAdminRecord, NodeRecord, NodeState, OrderServerRecord,
-    VersionRecord,
+    Capacity, NodeAdmin, NodeAdminRecord, NodeRecord, NodeState, OrderServerRecord, VersionRecord,
 };
 use ferry_core::proto::{
     self, Assignment, InvokeReply, InvokeRequest, NodeMessage, Prefetch, Registered, ServerMessage,
@@ -24,7 +23,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Config;
 use crate::placement::Need;
-use crate::registry::{NodeEvent, Registry, RegistryConfig, Reply};
+use crate::registry::{Carried, NodeEvent, Registry, RegistryConfig, Reply};
 
 /// Shared state of one instance; cheap to clone.
 #[derive(Clone)]
@@ -308,28 +307,31 @@ impl OrderService {
     /// Removes the node from placement at once; records the transition in the
     /// background (a slow store must not keep a dead node placeable).
     fn detach(&self, node_id: &str, conn: u64, why: &str) {
-        let Some((attach_rev, breaker)) = self.inner.nodes.detach(node_id, conn) else {
+        let Some((attach_rev, carried)) = self.inner.nodes.detach(node_id, conn) else {
             return;
         };
         info!(node_id, why, "node detached");
         self.inner.changed.notify_one();
         let svc = self.clone();
         let node_id = node_id.to_string();
-        tokio::spawn(async move { svc.record_dead(&node_id, attach_rev, breaker).await });
+        tokio::spawn(async move { svc.record_dead(&node_id, attach_rev, carried).await });
     }
 
-    /// The node breaker a node's last attachment left in its record (None when it was
+    /// The breakers a node's last attachment left in its record (none when it was
     /// never ejected, when an operator restored it since, or when the store does not
     /// answer within a second: attaching does not wait longer on the store).
-    async fn carried_breaker(&self, node_id: &str) -> Option<(u32, Option<Instant>)> {
+    async fn carried_breakers(&self, node_id: &str) -> Carried {
         let cluster = &self.inner.cfg.cluster;
         let key = keys::node(cluster, node_id);
-        let kv = tokio::time::timeout(Duration::from_secs(1), self.inner.store.get(&key))
-            .await
-            .ok()?
-            .ok()??;
-        let record: NodeRecord = serde_json::from_slice(&kv.value).ok()?;
-        let b = record.breaker?;
+        let read = tokio::time::timeout(Duration::from_secs(1), self.inner.store.get(&key)).await;
+        let Some(record) = read
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .and_then(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
+        else {
+            return Carried::default();
+        };
         let restored = self
             .inner
             .node_admin
@@ -337,17 +339,17 @@ impl OrderService {
             .and_then(|kv| serde_json::from_slice::<NodeAdminRecord>(&kv.value).ok())
             .is_some_and(|a| a.state == NodeAdmin::Active && a.since_ms >= record.since_ms);
         if restored {
-            return None;
+            return Carried::default();
         }
-        let now_ms = ferry_core::now_ms();
-        let until = (b.until_ms > 0)
-            .then(|| Instant::now() + Duration::from_millis(b.until_ms.saturating_sub(now_ms)));
-        Some((b.ejections, until))
+        Carried {
+            node: record.breaker,
+            functions: record.function_breakers,
+        }
     }
 
     /// Writes the node's `dead` record, fenced on our own attach write: if the node has
     /// attached elsewhere since, the record is no longer ours to change.
-    async fn record_dead(&self, node_id: &str, attach_rev: i64, breaker: Option<BreakerRecord>) {
+    async fn record_dead(&self, node_id: &str, attach_rev: i64, carried: Carried) {
         if attach_rev <= 0 {
             return;
         }
@@ -360,7 +362,8 @@ impl OrderService {
             tags: vec![],
             labels: Default::default(),
             since_ms: ferry_core::now_ms(),
-            breaker,
+            breaker: carried.node,
+            function_breakers: carried.functions,
         };
         let key = keys::node(&self.inner.cfg.cluster, node_id);
         if let Err(e) = self
@@ -384,6 +387,7 @@ impl OrderService {
         let Some((conn, rev, capacity, tags, labels)) = self.inner.nodes.attachment(node_id) else {
             return;
         };
+        let carried = self.inner.nodes.carried(node_id);
         if rev <= 0 {
             return;
         }
@@ -396,7 +400,8 @@ impl OrderService {
             tags,
             labels,
             since_ms: ferry_core::now_ms(),
-            breaker: self.inner.nodes.breaker_record(node_id),
+            breaker: carried.node,
+            function_breakers: carried.functions,
         };
         let key = keys::node(&self.inner.cfg.cluster, node_id);
         match self
@@ -413,7 +418,14 @@ impl OrderService {
         }
     }
 
-    /// Logs breaker transitions and records the node-level ones in the store.
+    /// Records the node's breakers, its state unchanged.
+    async fn record_breakers(&self, node_id: &str) {
+        if let Some(state) = self.inner.nodes.node_state(node_id) {
+            self.record_state(node_id, state).await;
+        }
+    }
+
+    /// Logs breaker transitions and records them in the node's record.
     async fn node_event_loop(self, mut events: mpsc::UnboundedReceiver<NodeEvent>) {
         while let Some(ev) = events.recv().await {
             match ev {
@@ -424,14 +436,17 @@ impl OrderService {
                     ejections,
                 } => {
                     warn!(node_id = %node, function = function.as_deref().unwrap_or("*"), for_ms, ejections, "circuit breaker opened: node ejected");
-                    if function.is_none() {
-                        self.record_state(&node, NodeState::Ejected).await;
+                    // A function's ejection leaves the node's state as it is.
+                    match function {
+                        None => self.record_state(&node, NodeState::Ejected).await,
+                        Some(_) => self.record_breakers(&node).await,
                     }
                 }
                 NodeEvent::Restored { node, function } => {
                     info!(node_id = %node, function = function.as_deref().unwrap_or("*"), "probe succeeded: circuit breaker closed");
-                    if function.is_none() {
-                        self.record_state(&node, NodeState::Attached).await;
+                    match function {
+                        None => self.record_state(&node, NodeState::Attached).await,
+                        Some(_) => self.record_breakers(&node).await,
                     }
                 }
                 NodeEvent::Spared { node, function } => {
@@ -447,6 +462,9 @@ impl OrderService {
     async fn node_admin_loop(self) {
         let mut changes = self.inner.node_admin.changes();
         let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        // Settings found at start are not news: only later restores close breakers
+        // (an older one is already honoured: see `carried_breakers`).
+        let mut first = true;
         loop {
             let mut admin = std::collections::HashMap::new();
             let mut restored = vec![];
@@ -455,7 +473,7 @@ impl OrderService {
                     continue;
                 };
                 if r.state == NodeAdmin::Active {
-                    if seen.get(&r.node).is_some_and(|s| *s < r.since_ms) {
+                    if !first && seen.get(&r.node).is_none_or(|s| *s < r.since_ms) {
                         restored.push(r.node.clone());
                     }
                 } else {
@@ -473,6 +491,7 @@ impl OrderService {
                 tokio::spawn(async move { svc.record_state(&node, NodeState::Attached).await });
             }
             self.inner.capacity_freed.notify_one();
+            first = false;
             if changes.changed().await.is_err() {
                 return;
             }
@@ -566,7 +585,7 @@ impl proto::order_server::Order for OrderService {
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
         let node_id = reg.node_id.clone();
-        let carried = self.carried_breaker(&node_id).await;
+        let carried = self.carried_breakers(&node_id).await;
         self.inner.nodes.attach(
             &node_id,
             conn,
@@ -588,11 +607,11 @@ impl proto::order_server::Order for OrderService {
         self.inner.capacity_freed.notify_one();
 
         // Transition to the store: attached here, fenced by the revision we wrote.
-        let breaker = self.inner.nodes.breaker_record(&node_id);
+        let carried = self.inner.nodes.carried(&node_id);
         let record = NodeRecord {
             id: node_id.clone(),
             cluster: self.inner.cfg.cluster.clone(),
-            state: match breaker {
+            state: match carried.node {
                 Some(b) if b.until_ms > 0 => NodeState::Ejected,
                 _ => NodeState::Attached,
             },
@@ -601,7 +620,8 @@ impl proto::order_server::Order for OrderService {
             tags: reg.tags,
             labels: reg.labels.into_iter().collect(),
             since_ms: ferry_core::now_ms(),
-            breaker,
+            breaker: carried.node,
+            function_breakers: carried.functions.clone(),
         };
         let svc = self.clone();
         let reader_node = node_id.clone();
@@ -633,7 +653,7 @@ impl proto::order_server::Order for OrderService {
             {
                 Ok(rev) => {
                     if !svc.inner.nodes.set_attach_rev(&node_id, conn, rev) {
-                        svc.record_dead(&node_id, rev, breaker).await;
+                        svc.record_dead(&node_id, rev, carried).await;
                     }
                 }
                 Err(e) => warn!(node_id = %node_id, error = %e, "could not record node attach"),
