@@ -284,6 +284,19 @@ pub async fn tasks(a: TasksArgs, env: &Env) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub async fn callback_secret(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
+    let v = connect(&a, env)
+        .get_json("/v1/callback-secret")
+        .await
+        .context("read the callback secret")?;
+    if a.json {
+        print_json(&v);
+    } else {
+        println!("{}", txt(&v["secret"]));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn functions(a: ClientArgs, env: &Env) -> anyhow::Result<ExitCode> {
     let Some(v) = fetch_or_print(&a, env, "/v1/functions", "functions").await? else {
         return Ok(ExitCode::SUCCESS);

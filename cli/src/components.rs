@@ -34,6 +34,7 @@ pub async fn gateway(a: ServeArgs, env: &Env) -> anyhow::Result<ExitCode> {
             .data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(".ferry")),
+        callback_secret: s.callback_secret.clone(),
         ..Default::default()
     };
     if let Some(id) = s.id {

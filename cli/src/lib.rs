@@ -56,6 +56,8 @@ pub enum Command {
     Tasks(TasksArgs),
     /// Cancel an async task.
     Cancel(TaskArgs),
+    /// Print the secret your task callbacks are signed with (X-Ferry-Signature).
+    CallbackSecret(ClientArgs),
     /// List functions and their latest versions.
     Functions(ClientArgs),
     /// List a function's versions.
@@ -362,6 +364,7 @@ async fn dispatch(cmd: Command, env: Env) -> anyhow::Result<ExitCode> {
         Command::Task(a) => client::task(a, &env).await,
         Command::Tasks(a) => client::tasks(a, &env).await,
         Command::Cancel(a) => client::cancel(a, &env).await,
+        Command::CallbackSecret(a) => client::callback_secret(a, &env).await,
         Command::Functions(a) => client::functions(a, &env).await,
         Command::Versions(a) => client::versions(a, &env).await,
         Command::Nodes(a) => nodes::list(a, &env).await,

@@ -103,6 +103,7 @@ impl Cluster {
                 listen: cfg.listen,
                 token: cfg.token.clone(),
                 data_dir: cfg.data_dir.clone(),
+                callback_secret: cfg.tuning.callback_secret.clone(),
                 ..Default::default()
             },
             store.clone(),

@@ -1,5 +1,5 @@
 //! Task callbacks and retention on a whole in-process cluster: the final result is
-//! POSTed to the task's callback URL, signed with the operator's secret, retried with
+//! POSTed to the task's callback URL, signed (a tenant's with its own secret), retried with
 //! backoff when the receiver fails; finished tasks disappear after the retention.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -180,5 +180,90 @@ async fn callbacks_are_signed_retried_and_recorded_and_old_tasks_expire() {
             "{prefix} is empty after the retention"
         );
     }
+    cluster.shutdown().await;
+}
+
+/// Whether `headers`' signature is the HMAC of its time and `body` under `secret`.
+fn signed_with(headers: &[(String, String)], body: &[u8], secret: &str) -> bool {
+    let sig = header(headers, "x-ferry-signature");
+    let Some((t, v1)) = sig.strip_prefix("t=").and_then(|s| s.split_once(",v1=")) else {
+        return false;
+    };
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    v1 == hex::encode(mac.finalize().into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_callbacks_are_signed_with_its_own_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let tuning = ferry_cli::up::Tuning {
+        callback_secret: Some("operator-secret".into()),
+        ..Default::default()
+    };
+    let (cluster, admin) = common::start_cluster_tuned(dir.path(), 1, tuning).await;
+    let mut secrets = vec![];
+    for tenant in ["acme", "bravo"] {
+        admin
+            .post_json("/v1/tenants", &serde_json::json!({ "id": tenant }))
+            .await
+            .unwrap();
+        let key = admin
+            .post_json(
+                &format!("/v1/tenants/{tenant}/keys"),
+                &serde_json::json!({}),
+            )
+            .await
+            .unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let client = ferry_sdk::client::Client::new(&cluster.url, Some(key));
+        let v = client.get_json("/v1/callback-secret").await.unwrap();
+        assert_eq!(v["tenant"], tenant);
+        secrets.push((client, v["secret"].as_str().unwrap().to_string()));
+    }
+    let (acme, acme_secret) = &secrets[0];
+    let bravo_secret = &secrets[1].1;
+    assert_ne!(acme_secret, bravo_secret);
+    assert_ne!(acme_secret, "operator-secret");
+    let v = admin.get_json("/v1/callback-secret").await.unwrap();
+    assert_eq!(
+        v["secret"], "operator-secret",
+        "the admin's is the operator's"
+    );
+
+    acme.deploy("hello", common::hello_package().1)
+        .await
+        .unwrap();
+    let (url, mut got) = receiver(0).await;
+    let opts = SubmitOptions {
+        callback_url: Some(url),
+        ..SubmitOptions::default()
+    };
+    acme.submit("hello", br#"{"name":"t"}"#.to_vec(), &opts)
+        .await
+        .unwrap();
+    let (headers, body) = tokio::time::timeout(Duration::from_secs(15), got.recv())
+        .await
+        .expect("a callback arrives")
+        .unwrap();
+    assert!(
+        signed_with(&headers, &body, acme_secret),
+        "acme's secret signs it"
+    );
+    assert!(!signed_with(&headers, &body, bravo_secret), "not bravo's");
+    assert!(
+        !signed_with(&headers, &body, "operator-secret"),
+        "not the operator's"
+    );
+    cluster.shutdown().await;
+
+    // Without a callback secret there is none to hand out: a 404 that says why.
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, admin) = common::start_cluster(dir.path(), 0).await;
+    let e = admin.get_json("/v1/callback-secret").await.unwrap_err();
+    assert!(e.to_string().contains("unsigned"), "{e}");
     cluster.shutdown().await;
 }

@@ -16,6 +16,22 @@ pub fn new_secret() -> String {
     hex::encode(bytes)
 }
 
+/// The secret that signs the callbacks of `tenant`'s tasks: HMAC-SHA256 of the
+/// operator's callback secret over `ferry-callback/{tenant}`, hex. A tenant is given
+/// its own and cannot work out another's (nor the operator's), so a receiver that
+/// checks the signature knows the callback is about its own tenant's task. Nothing is
+/// stored: rotating the operator's secret rotates every tenant's.
+pub fn tenant_callback_secret(operator_secret: &str, tenant: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(operator_secret.as_bytes()) else {
+        // HMAC takes keys of any length: this branch cannot run.
+        return String::new();
+    };
+    mac.update(b"ferry-callback/");
+    mac.update(tenant.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 /// Function names: lowercase letters, digits and `-`, starting with a letter, at most 63.
 pub fn valid_name(name: &str) -> bool {
     let b = name.as_bytes();
@@ -45,6 +61,16 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_callback_secrets_are_distinct_and_stable() {
+        let a = tenant_callback_secret("op", "acme");
+        assert_eq!(a, tenant_callback_secret("op", "acme"));
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, tenant_callback_secret("op", "bravo"));
+        assert_ne!(a, tenant_callback_secret("other", "acme"));
+        assert_ne!(a, "op");
+    }
 
     #[test]
     fn ids_sort_by_time_and_differ() {

@@ -74,6 +74,7 @@ fn native_routes() -> Routes {
             post(crate::nodes::admin).route_layer(middleware::from_fn(admin_only)),
         ),
         ("/v1/clusters", get(list_clusters)),
+        ("/v1/callback-secret", get(tenancy::callback_secret)),
         ("/v1/tenants", get(tenancy::list).post(tenancy::create)),
         (
             "/v1/tenants/{id}",

@@ -66,6 +66,9 @@ pub struct Config {
     /// Accept unsigned requests on the compatibility paths (Lambda, OpenFaaS), acting
     /// with the admin scope. Only for a gateway no untrusted caller can reach.
     pub allow_unsigned_compat: bool,
+    /// The operator's callback secret (the order-servers'), from which each tenant's
+    /// own is derived: `GET /v1/callback-secret` hands callers theirs.
+    pub callback_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             idempotency_window: Duration::from_secs(24 * 3600),
             rerun_retention: Duration::from_secs(7 * 24 * 3600),
             allow_unsigned_compat: false,
+            callback_secret: None,
         }
     }
 }

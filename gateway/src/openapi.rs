@@ -160,6 +160,9 @@ pub fn document() -> Value {
                     },
                 },
             },
+            "/v1/callback-secret": {
+                "get": op("The secret that signs the caller's task callbacks (a tenant's own)", vec![], None, "200", "{tenant, secret, header, scheme}"),
+            },
             "/v1/tasks": {
                 "get": op("List tasks, newest first", vec![
                     param("function", "query", "function name"),

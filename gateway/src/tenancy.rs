@@ -297,6 +297,30 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(tenant_json(&rec))).into_response())
 }
 
+/// `GET /v1/callback-secret`: the secret the caller's task callbacks are signed with
+/// (a tenant's own, derived from the operator's; the operator's for the admin).
+pub async fn callback_secret(State(st): St, who: Who) -> ApiResult<Json<serde_json::Value>> {
+    let Some(operator) = &st.cfg.callback_secret else {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            "callbacks are sent unsigned: the operator set no callback secret",
+        ));
+    };
+    let (tenant, secret) = match &*who {
+        Principal::Admin => (None, operator.clone()),
+        Principal::Tenant(t) => (
+            Some(t.id.clone()),
+            ferry_core::id::tenant_callback_secret(operator, &t.id),
+        ),
+    };
+    Ok(Json(json!({
+        "tenant": tenant,
+        "secret": secret,
+        "header": "X-Ferry-Signature",
+        "scheme": "t=<unix ms>,v1=<hex HMAC-SHA256(secret, \"<t>.<body>\")>",
+    })))
+}
+
 pub async fn list(State(st): St, who: Who) -> ApiResult<Json<serde_json::Value>> {
     who.require_admin()?;
     let list: Vec<_> = st

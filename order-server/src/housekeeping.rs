@@ -27,6 +27,16 @@ const CALLBACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the retention sweep runs.
 const RETENTION_SWEEP: Duration = Duration::from_secs(10);
 
+/// The secret a task's callback is signed with: its tenant's own (see
+/// [`ferry_core::id::tenant_callback_secret`]), or the operator's for the operator's
+/// functions.
+fn callback_secret_of(operator: &str, function: &str) -> String {
+    match keys::owner_of(function) {
+        keys::OPERATOR_OWNER => operator.to_string(),
+        tenant => ferry_core::id::tenant_callback_secret(operator, tenant),
+    }
+}
+
 /// `t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`: the receiver recomputes
 /// it with the shared secret and may refuse old timestamps (replays).
 pub fn signature(secret: &[u8], t_ms: u64, body: &[u8]) -> String {
@@ -302,7 +312,8 @@ impl OrderService {
         for (k, v) in headers {
             req = req.header(k, v);
         }
-        if let Some(secret) = &self.inner.cfg.callback_secret {
+        if let Some(operator) = &self.inner.cfg.callback_secret {
+            let secret = callback_secret_of(operator, &task.function);
             let t = ferry_core::now_ms();
             req = req.header("x-ferry-signature", signature(secret.as_bytes(), t, &body));
         }
@@ -368,6 +379,14 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenants_callbacks_are_signed_with_their_own_secret() {
+        assert_eq!(callback_secret_of("op", "resize"), "op");
+        let acme = callback_secret_of("op", "acme.resize");
+        assert_eq!(acme, ferry_core::id::tenant_callback_secret("op", "acme"));
+        assert_ne!(acme, callback_secret_of("op", "bravo.resize"));
+    }
 
     #[test]
     fn the_signature_is_an_hmac_of_time_and_body() {
