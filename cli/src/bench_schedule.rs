@@ -6,6 +6,10 @@
 //! each result with its fenced transaction. Tasks are queued before any node attaches;
 //! the clock runs from the first node's registration to the last result committed.
 //!
+//! A baseline in the same run issues the same store transactions per task with nothing
+//! else (see [`store_floor`]): the ratio says how much of the store's own ceiling the
+//! scheduler reaches.
+//!
 //! A second scenario measures failure detection: a node that takes a task and goes
 //! silent (no heartbeat, no answer) is declared dead, and the task runs elsewhere.
 
@@ -145,6 +149,101 @@ async fn enqueue(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<Vec<String>
         r.context("queue tasks")?;
     }
     Ok(ids)
+}
+
+/// The store's share of the work alone, as a baseline: per task the same
+/// transactions the order-server issues (a batched read of the records, a batched
+/// claim fenced like Ferry's, commits grouped as its batcher groups them), with the
+/// same JSON records and the same concurrency, straight at the store: no queue index,
+/// placement, gRPC or nodes. Returns tasks/s.
+async fn store_floor(kind: &str, tasks: usize) -> anyhow::Result<f64> {
+    use ferry_core::task::{Attempt, TaskState};
+    use ferry_store::Compare;
+    let bs = open(kind).await?;
+    let store = bs.store.clone();
+    let ids = enqueue(&store, tasks).await?;
+    let fence_key = "/ferry/bench/fence";
+    store
+        .put(fence_key, b"x".to_vec(), ferry_store::NO_LEASE)
+        .await
+        .context("write the fence key")?;
+    let fence_rev = store
+        .get(fence_key)
+        .await?
+        .map_or(0, |kv| kv.create_revision);
+    let fence = || Compare {
+        key: fence_key.to_string(),
+        op: ferry_store::CompareOp::Equal,
+        target: ferry_store::CompareTarget::CreateRevision(fence_rev),
+    };
+    let started = Instant::now();
+    let batches: Vec<Vec<String>> = ids.chunks(32).map(<[String]>::to_vec).collect();
+    let runs = futures::stream::iter(batches).map(|chunk| {
+        let store = store.clone();
+        async move {
+            let read = Txn {
+                success: chunk.iter().map(|id| Op::get(keys::task(id))).collect(),
+                ..Txn::default()
+            };
+            let gets = store.txn(read).await?.gets;
+            let now = ferry_core::now_ms();
+            let mut claim = Txn::new().when(fence());
+            let mut running = vec![];
+            for (id, kv) in chunk.iter().zip(gets) {
+                let kv = kv.context("a queued task's record")?;
+                let mut t: TaskRecord = serde_json::from_slice(&kv.value)?;
+                t.state = TaskState::Running;
+                t.attempt += 1;
+                t.attempts.push(Attempt {
+                    attempt: t.attempt,
+                    order_server: "bench".into(),
+                    node: "sim".into(),
+                    started_ms: now,
+                    finished_ms: None,
+                    outcome: None,
+                    error: None,
+                });
+                let queued = keys::queued(CLUSTER, id);
+                let run_key = keys::running(CLUSTER, "bench@1", id);
+                claim = claim
+                    .when(Compare::mod_revision(keys::task(id), kv.mod_revision))
+                    .when(Compare::mod_revision(&queued, kv.mod_revision))
+                    .then(Op::put(keys::task(id), serde_json::to_vec(&t)?))
+                    .then(Op::delete(queued))
+                    .then(Op::put(run_key.clone(), b"normal default".to_vec()));
+                running.push((t, run_key));
+            }
+            let claimed = store.txn(claim).await?;
+            anyhow::ensure!(claimed.succeeded, "the baseline's claim lost a race");
+            for group in running.chunks(24) {
+                let mut commit = Txn::new().when(fence());
+                for (t, run_key) in group {
+                    let mut t = t.clone();
+                    t.state = TaskState::Succeeded;
+                    t.output = Some(b"ok".to_vec());
+                    commit = commit
+                        .when(Compare::mod_revision(keys::task(&t.id), claimed.revision))
+                        .then(Op::delete(keys::cancel(&t.id)))
+                        .then(Op::put(
+                            keys::done(CLUSTER, now, &t.id),
+                            keys::done_value(t.created_ms, &t.function),
+                        ))
+                        .then(Op::delete(run_key.clone()))
+                        .then(Op::put(keys::task(&t.id), serde_json::to_vec(&t)?));
+                }
+                anyhow::ensure!(
+                    store.txn(commit).await?.succeeded,
+                    "the baseline's commit lost a race"
+                );
+            }
+            anyhow::Ok(())
+        }
+    });
+    let results: Vec<anyhow::Result<()>> = runs.buffer_unordered(16).collect().await;
+    for r in results {
+        r?;
+    }
+    Ok(tasks as f64 / started.elapsed().as_secs_f64())
 }
 
 /// How a simulated node behaves.
@@ -442,12 +541,19 @@ pub async fn run(b: ScheduleBench) -> anyhow::Result<ExitCode> {
         b.slots, b.tasks
     );
     for kind in &b.stores {
+        let floor = store_floor(kind, b.tasks)
+            .await
+            .with_context(|| format!("the store baseline on {kind}"))?;
+        println!(
+            "{kind:<9} baseline: {floor:>9.0} tasks/s — the same store transactions per task, issued alone (no scheduling, gRPC or nodes)"
+        );
         for &n in &b.nodes {
             let (rate, attach, cpu) = throughput(kind, n, b.tasks, b.slots)
                 .await
                 .with_context(|| format!("run on {kind} with {n} nodes"))?;
             println!(
-                "{kind:<9} {n:>6} nodes: {rate:>9.0} tasks/s placed and committed  (all nodes attached in {:.2} s; {:.0} µs of CPU per task in this process{})",
+                "{kind:<9} {n:>6} nodes: {rate:>9.0} tasks/s placed and committed, {:.2}× the baseline  (all nodes attached in {:.2} s; {:.0} µs of CPU per task in this process{})",
+                rate / floor,
                 attach.as_secs_f64(),
                 cpu.as_secs_f64() * 1e6 / b.tasks as f64,
                 if kind == "etcd" {
