@@ -962,7 +962,7 @@ mod embedded_only {
         let url = format!("embedded:{}", dir.path().join("sub").display());
         let s = ferry_store::open(&url).await.unwrap();
         s.put("a", v("1"), NO_LEASE).await.unwrap();
-        assert!(dir.path().join("sub/store.redb").exists());
+        assert!(dir.path().join("sub/store.wal").exists());
         assert!(matches!(
             ferry_store::open("nope://x").await,
             Err(StoreError::InvalidUrl(_))
