@@ -796,8 +796,9 @@ mod embedded_only {
             Err(e) => panic!("expected Io, got {e}"),
             Ok(_) => panic!("a second open of a live store succeeded"),
         }
-        // A clone is the same store, not a second open.
+        // Dropping a clone keeps the store (and its lock).
         drop(s.clone());
+        assert!(EmbeddedStore::open(dir.path()).is_err());
         drop(s);
         // Dropping the last handle closes the file.
         EmbeddedStore::open(dir.path()).unwrap();

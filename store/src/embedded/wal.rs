@@ -554,9 +554,8 @@ impl Files {
         b[..8].copy_from_slice(&body_len.to_le_bytes());
         b[8..FRAME_HEADER].copy_from_slice(&crc.to_le_bytes());
 
-        let path = self.dir.join(LOG_FILE);
         if let Err(e) = self.log.write_all(b).and_then(|()| self.log.sync_data()) {
-            let e = io_at("append to", &path, e);
+            let e = io_at("append to", &self.dir.join(LOG_FILE), e);
             self.failed = Some(StoreError::Io(format!(
                 "a write to the log failed earlier; reopen the store ({e})"
             )));
