@@ -97,8 +97,10 @@ struct Shared {
 
 struct State {
     revision: Revision,
-    kvs: BTreeMap<String, KeyValue>,
-    history: VecDeque<Event>,
+    /// Shared with the history and the watchers' queues, so publishing a value is not
+    /// a copy of it; readers and watch streams copy what they hand out.
+    kvs: BTreeMap<String, Arc<KeyValue>>,
+    history: VecDeque<SharedEvent>,
     history_bytes: usize,
     history_events_max: usize,
     history_bytes_max: usize,
@@ -113,8 +115,24 @@ struct Watcher {
     /// Live events before this revision are not sent (0: all).
     from: Revision,
     /// One message per revision.
-    tx: tokio::sync::mpsc::Sender<Vec<Event>>,
+    tx: tokio::sync::mpsc::Sender<Vec<SharedEvent>>,
     lagged: Arc<AtomicBool>,
+}
+
+/// An [`Event`] whose value is shared with the state, the history and other watchers.
+#[derive(Clone)]
+struct SharedEvent {
+    kind: EventKind,
+    kv: Arc<KeyValue>,
+}
+
+impl SharedEvent {
+    fn into_event(self) -> Event {
+        Event {
+            kind: self.kind,
+            kv: Arc::unwrap_or_clone(self.kv),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -256,12 +274,12 @@ pub(crate) fn compare_holds(c: &Compare, kv: Option<&KeyValue>) -> bool {
 }
 
 fn range_of<'a>(
-    kvs: &'a BTreeMap<String, KeyValue>,
+    kvs: &'a BTreeMap<String, Arc<KeyValue>>,
     prefix: &'a str,
 ) -> impl Iterator<Item = &'a KeyValue> + 'a {
     kvs.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
         .take_while(move |(k, _)| k.starts_with(prefix))
-        .map(|(_, v)| v)
+        .map(|(_, v)| &**v)
 }
 
 impl EmbeddedStore {
@@ -304,7 +322,7 @@ impl EmbeddedStore {
         let shared = Arc::new(Shared {
             state: RwLock::new(State {
                 revision,
-                kvs,
+                kvs: kvs.into_iter().map(|(k, kv)| (k, Arc::new(kv))).collect(),
                 history: VecDeque::new(),
                 history_bytes: 0,
                 history_events_max: options.history_events.max(1),
@@ -430,18 +448,18 @@ struct Batch<'a> {
     revision: Revision,
     next_lease: LeaseId,
     /// Key → new value (None: deleted).
-    kvs: BTreeMap<String, Option<KeyValue>>,
+    kvs: BTreeMap<String, Option<Arc<KeyValue>>>,
     /// Lease → granted with this TTL (Some) or revoked (None) in this batch.
     leases: BTreeMap<LeaseId, Option<Duration>>,
-    events: Vec<Event>,
+    events: Vec<SharedEvent>,
     now: Instant,
 }
 
 impl Batch<'_> {
     fn lookup(&self, key: &str) -> Option<&KeyValue> {
         match self.kvs.get(key) {
-            Some(v) => v.as_ref(),
-            None => self.base.kvs.get(key),
+            Some(v) => v.as_deref(),
+            None => self.base.kvs.get(key).map(|kv| &**kv),
         }
     }
 
@@ -468,15 +486,15 @@ impl Batch<'_> {
             Some(old) => (old.create_revision, old.version + 1),
             None => (rev, 1),
         };
-        let kv = KeyValue {
+        let kv = Arc::new(KeyValue {
             key: key.to_string(),
             value,
             create_revision,
             mod_revision: rev,
             version,
             lease,
-        };
-        self.events.push(Event {
+        });
+        self.events.push(SharedEvent {
             kind: EventKind::Put,
             kv: kv.clone(),
         });
@@ -488,15 +506,15 @@ impl Batch<'_> {
         if self.lookup(key).is_none() {
             return false;
         }
-        let kv = KeyValue {
+        let kv = Arc::new(KeyValue {
             key: key.to_string(),
             value: Vec::new(),
             create_revision: 0,
             mod_revision: rev,
             version: 0,
             lease: NO_LEASE,
-        };
-        self.events.push(Event {
+        });
+        self.events.push(SharedEvent {
             kind: EventKind::Delete,
             kv,
         });
@@ -769,7 +787,7 @@ impl Writer {
         let result = self.files.compact(
             st.revision,
             self.next_lease,
-            st.kvs.values(),
+            st.kvs.values().map(|kv| &**kv),
             leases.into_iter(),
         );
         let keys = st.kvs.len();
@@ -788,14 +806,14 @@ impl Writer {
 impl State {
     /// Appends committed events to the history and sends them to the watchers: one
     /// message per revision, so that a watcher gets a revision entirely or not at all.
-    fn publish(&mut self, events: Vec<Event>) {
+    fn publish(&mut self, events: Vec<SharedEvent>) {
         for group in events.chunk_by(|a, b| a.kv.mod_revision == b.kv.mod_revision) {
             let rev = group.first().map_or(0, |e| e.kv.mod_revision);
             self.watchers.retain(|_, w| {
                 if rev < w.from {
                     return true;
                 }
-                let mine: Vec<Event> = group
+                let mine: Vec<SharedEvent> = group
                     .iter()
                     .filter(|e| e.kv.key.starts_with(&w.prefix))
                     .cloned()
@@ -852,8 +870,8 @@ impl Drop for WatchGuard {
 
 struct WatchState {
     /// The replayed history, then the rest of the revision being delivered.
-    buffered: VecDeque<Event>,
-    rx: tokio::sync::mpsc::Receiver<Vec<Event>>,
+    buffered: VecDeque<SharedEvent>,
+    rx: tokio::sync::mpsc::Receiver<Vec<SharedEvent>>,
     lagged: Arc<AtomicBool>,
     done: bool,
     _guard: WatchGuard,
@@ -869,7 +887,7 @@ impl EmbeddedStore {
                 oldest: st.compacted + 1,
             });
         }
-        let replay: VecDeque<Event> = if from == 0 {
+        let replay: VecDeque<SharedEvent> = if from == 0 {
             VecDeque::new()
         } else {
             let start = st.history.partition_point(|e| e.kv.mod_revision < from);
@@ -910,7 +928,8 @@ impl EmbeddedStore {
             }
             loop {
                 if let Some(e) = s.buffered.pop_front() {
-                    return Some((Ok(e), s));
+                    // The copy is made here, by the consumer, not by the writer.
+                    return Some((Ok(e.into_event()), s));
                 }
                 match s.rx.recv().await {
                     Some(evs) => s.buffered.extend(evs),
@@ -935,7 +954,10 @@ impl EmbeddedStore {
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         check_key(key)?;
-        Ok(read(&self.inner.shared.state).kvs.get(key).cloned())
+        Ok(read(&self.inner.shared.state)
+            .kvs
+            .get(key)
+            .map(|kv| KeyValue::clone(kv)))
     }
 
     async fn range(&self, prefix: &str) -> Result<Range> {
@@ -985,7 +1007,7 @@ impl Store for EmbeddedStore {
             let succeeded = txn
                 .compares
                 .iter()
-                .all(|c| compare_holds(c, st.kvs.get(&c.key)));
+                .all(|c| compare_holds(c, st.kvs.get(&c.key).map(|kv| &**kv)));
             let ops = if succeeded {
                 &txn.success
             } else {
@@ -994,7 +1016,7 @@ impl Store for EmbeddedStore {
             let gets = ops
                 .iter()
                 .filter_map(|op| match op {
-                    Op::Get { key } => Some(st.kvs.get(key).cloned()),
+                    Op::Get { key } => Some(st.kvs.get(key).map(|kv| KeyValue::clone(kv))),
                     _ => None,
                 })
                 .collect();

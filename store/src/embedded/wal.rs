@@ -34,6 +34,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::{KeyValue, LeaseId, Result, Revision, StoreError};
@@ -512,7 +513,7 @@ impl Files {
         &mut self,
         revision: Revision,
         next_lease: LeaseId,
-        kvs: &BTreeMap<String, Option<KeyValue>>,
+        kvs: &BTreeMap<String, Option<Arc<KeyValue>>>,
         leases: &BTreeMap<LeaseId, Option<Duration>>,
     ) -> Result<()> {
         if let Some(e) = &self.failed {
