@@ -1069,6 +1069,14 @@ mod embedded_only {
             EmbeddedStore::open(dir.path()),
             Err(StoreError::Corrupt(_))
         ));
+        // A whole record missing from the middle (every frame intact): a seq gap.
+        let mut gap = good[..acked[0].1 as usize].to_vec();
+        gap.extend_from_slice(&good[acked[1].1 as usize..]);
+        std::fs::write(log_path(dir.path()), &gap).unwrap();
+        match EmbeddedStore::open(dir.path()) {
+            Err(StoreError::Corrupt(m)) => assert!(m.contains("seq"), "{m}"),
+            other => panic!("expected Corrupt, got {:?}", other.err()),
+        }
         // Undamaged, it opens with everything.
         std::fs::write(log_path(dir.path()), &good).unwrap();
         let s = EmbeddedStore::open(dir.path()).unwrap();
