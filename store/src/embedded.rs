@@ -1,9 +1,14 @@
-//! The embedded backend: one process, durable in one redb file (`DIR/store.redb`).
+//! The embedded backend: one process, durable in a write-ahead log plus snapshots
+//! (`DIR/store.wal`, `DIR/store.snap`; see [`wal`] for the format and recovery rules).
 //!
 //! - Writes go through one writer thread. It takes every request queued at the time,
 //!   applies them in order (each write request is its own revision, as in etcd),
-//!   commits them in ONE redb transaction (group commit, fsync'd), and only then makes
-//!   them visible to reads and watches and answers the callers.
+//!   appends them as ONE log record (group commit, one write, fdatasync'd), and only
+//!   then makes them visible to reads and watches and answers the callers. An
+//!   acknowledged write survives kill -9 and power loss; a torn last record (never
+//!   acknowledged) is dropped at the next open.
+//! - When the log outgrows max([`EmbeddedOptions::compact_log_bytes`], 2 × the last
+//!   snapshot), the writer writes a new snapshot of the whole state and restarts the log.
 //! - Reads are served from an in-memory copy of all the data (loaded at open); they
 //!   never touch the disk.
 //! - Watches replay from an in-memory history of the last [`EmbeddedOptions::history_events`]
@@ -15,6 +20,7 @@
 //! - Leases (id, ttl) are persisted; after a restart each gets a fresh full TTL, like
 //!   etcd. A background thread revokes expired leases every 100 ms. TTLs keep their
 //!   millisecond precision (etcd rounds up to whole seconds).
+//! - The directory is locked (`DIR/store.lock`) while open: a second open fails.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
@@ -27,7 +33,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use redb::{Database, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use crate::{
@@ -35,12 +40,7 @@ use crate::{
     Op, Page, Range, RangeQuery, Result, Revision, Store, StoreError, Txn, TxnResult, WatchStream,
 };
 
-const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
-const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
-/// Lease id → TTL in milliseconds.
-const LEASES: TableDefinition<i64, u64> = TableDefinition::new("leases");
-const META_REVISION: &str = "revision";
-const META_NEXT_LEASE: &str = "next_lease";
+mod wal;
 
 /// The most requests one group commit takes.
 const MAX_BATCH: usize = 4096;
@@ -57,6 +57,9 @@ pub struct EmbeddedOptions {
     /// Revisions (each with its events) buffered per watcher before it is cancelled
     /// with `WatchLagged`.
     pub watch_buffer: usize,
+    /// The log is compacted into a snapshot when it grows past this many bytes (or twice
+    /// the last snapshot's size, if that is more).
+    pub compact_log_bytes: u64,
 }
 
 impl Default for EmbeddedOptions {
@@ -65,6 +68,7 @@ impl Default for EmbeddedOptions {
             history_events: 100_000,
             history_bytes: 64 << 20,
             watch_buffer: 4096,
+            compact_log_bytes: 64 << 20,
         }
     }
 }
@@ -93,8 +97,10 @@ struct Shared {
 
 struct State {
     revision: Revision,
-    kvs: BTreeMap<String, KeyValue>,
-    history: VecDeque<Event>,
+    /// Shared with the history and the watchers' queues, so publishing a value is not
+    /// a copy of it; readers and watch streams copy what they hand out.
+    kvs: BTreeMap<String, Arc<KeyValue>>,
+    history: VecDeque<SharedEvent>,
     history_bytes: usize,
     history_events_max: usize,
     history_bytes_max: usize,
@@ -109,8 +115,24 @@ struct Watcher {
     /// Live events before this revision are not sent (0: all).
     from: Revision,
     /// One message per revision.
-    tx: tokio::sync::mpsc::Sender<Vec<Event>>,
+    tx: tokio::sync::mpsc::Sender<Vec<SharedEvent>>,
     lagged: Arc<AtomicBool>,
+}
+
+/// An [`Event`] whose value is shared with the state, the history and other watchers.
+#[derive(Clone)]
+struct SharedEvent {
+    kind: EventKind,
+    kv: Arc<KeyValue>,
+}
+
+impl SharedEvent {
+    fn into_event(self) -> Event {
+        Event {
+            kind: self.kind,
+            kv: Arc::unwrap_or_clone(self.kv),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -172,36 +194,6 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 
 fn closed() -> StoreError {
     StoreError::Unavailable("embedded store is closed".into())
-}
-
-// ---- record encoding: create, mod, version, lease (i64 LE each), then the value ----
-
-const HEADER: usize = 32;
-
-fn encode(kv: &KeyValue) -> Vec<u8> {
-    let mut b = Vec::with_capacity(HEADER + kv.value.len());
-    for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
-        b.extend_from_slice(&n.to_le_bytes());
-    }
-    b.extend_from_slice(&kv.value);
-    b
-}
-
-fn decode(key: &str, b: &[u8]) -> Result<KeyValue> {
-    let num = |i: usize| -> Result<i64> {
-        b.get(i * 8..i * 8 + 8)
-            .and_then(|s| <[u8; 8]>::try_from(s).ok())
-            .map(i64::from_le_bytes)
-            .ok_or_else(|| StoreError::Corrupt(format!("short record for key {key:?}")))
-    };
-    Ok(KeyValue {
-        key: key.to_string(),
-        create_revision: num(0)?,
-        mod_revision: num(1)?,
-        version: num(2)?,
-        lease: num(3)?,
-        value: b.get(HEADER..).unwrap_or_default().to_vec(),
-    })
 }
 
 /// etcd's checks of a range: a start key, and an end above it.
@@ -296,12 +288,12 @@ pub(crate) fn compare_holds(c: &Compare, kv: Option<&KeyValue>) -> bool {
 }
 
 fn range_of<'a>(
-    kvs: &'a BTreeMap<String, KeyValue>,
+    kvs: &'a BTreeMap<String, Arc<KeyValue>>,
     prefix: &'a str,
 ) -> impl Iterator<Item = &'a KeyValue> + 'a {
     kvs.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
         .take_while(move |(k, _)| k.starts_with(prefix))
-        .map(|(_, v)| v)
+        .map(|(_, v)| &**v)
 }
 
 impl EmbeddedStore {
@@ -313,12 +305,13 @@ impl EmbeddedStore {
     /// Opens (creating if needed) the store in `dir`. Needs no tokio runtime. Fails if
     /// the store is already open (in this process or another).
     pub fn open_with(dir: &Path, options: EmbeddedOptions) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|e| io(format!("create {}: {e}", dir.display())))?;
-        let path = dir.join("store.redb");
-        let db =
-            Database::create(&path).map_err(|e| io(format!("open {}: {e}", path.display())))?;
-
-        let (revision, next_lease, kvs, leases) = load(&db)?;
+        let (files, loaded) = wal::Files::open(dir, options.compact_log_bytes)?;
+        let wal::Loaded {
+            revision,
+            next_lease,
+            kvs,
+            leases,
+        } = loaded;
         let now = Instant::now();
         let mut lease_keys: HashMap<LeaseId, BTreeSet<String>> = HashMap::new();
         for kv in kvs.values().filter(|kv| kv.lease != NO_LEASE) {
@@ -343,7 +336,7 @@ impl EmbeddedStore {
         let shared = Arc::new(Shared {
             state: RwLock::new(State {
                 revision,
-                kvs,
+                kvs: kvs.into_iter().map(|(k, kv)| (k, Arc::new(kv))).collect(),
                 history: VecDeque::new(),
                 history_bytes: 0,
                 history_events_max: options.history_events.max(1),
@@ -359,7 +352,7 @@ impl EmbeddedStore {
         let stop = Arc::new(AtomicBool::new(false));
 
         let mut w = Writer {
-            db,
+            files,
             shared: shared.clone(),
             lease_keys,
             next_lease,
@@ -408,45 +401,6 @@ impl EmbeddedStore {
     }
 }
 
-type Loaded = (
-    Revision,
-    LeaseId,
-    BTreeMap<String, KeyValue>,
-    Vec<(LeaseId, Duration)>,
-);
-
-fn load(db: &Database) -> Result<Loaded> {
-    // A write transaction, so that the tables exist from now on.
-    let txn = db.begin_write().map_err(io)?;
-    let loaded = {
-        let meta = txn.open_table(META).map_err(io)?;
-        let kv = txn.open_table(KV).map_err(io)?;
-        let leases = txn.open_table(LEASES).map_err(io)?;
-        let revision = meta
-            .get(META_REVISION)
-            .map_err(io)?
-            .map_or(0, |v| v.value());
-        let next_lease = meta
-            .get(META_NEXT_LEASE)
-            .map_err(io)?
-            .map_or(1, |v| v.value());
-        let mut kvs = BTreeMap::new();
-        for entry in kv.iter().map_err(io)? {
-            let (k, v) = entry.map_err(io)?;
-            let kv = decode(k.value(), v.value())?;
-            kvs.insert(kv.key.clone(), kv);
-        }
-        let mut ls = Vec::new();
-        for entry in leases.iter().map_err(io)? {
-            let (id, ttl) = entry.map_err(io)?;
-            ls.push((id.value(), Duration::from_millis(ttl.value())));
-        }
-        (revision, next_lease, kvs, ls)
-    };
-    txn.commit().map_err(io)?;
-    Ok(loaded)
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -493,7 +447,7 @@ fn expire_loop(shared: &Shared, tx: &mpsc::Sender<Cmd>, stop: &AtomicBool) {
 // ---------------------------------------------------------------- the writer
 
 struct Writer {
-    db: Database,
+    files: wal::Files,
     shared: Arc<Shared>,
     /// Keys attached to each lease (as committed).
     lease_keys: HashMap<LeaseId, BTreeSet<String>>,
@@ -508,18 +462,18 @@ struct Batch<'a> {
     revision: Revision,
     next_lease: LeaseId,
     /// Key → new value (None: deleted).
-    kvs: BTreeMap<String, Option<KeyValue>>,
+    kvs: BTreeMap<String, Option<Arc<KeyValue>>>,
     /// Lease → granted with this TTL (Some) or revoked (None) in this batch.
     leases: BTreeMap<LeaseId, Option<Duration>>,
-    events: Vec<Event>,
+    events: Vec<SharedEvent>,
     now: Instant,
 }
 
 impl Batch<'_> {
     fn lookup(&self, key: &str) -> Option<&KeyValue> {
         match self.kvs.get(key) {
-            Some(v) => v.as_ref(),
-            None => self.base.kvs.get(key),
+            Some(v) => v.as_deref(),
+            None => self.base.kvs.get(key).map(|kv| &**kv),
         }
     }
 
@@ -546,15 +500,15 @@ impl Batch<'_> {
             Some(old) => (old.create_revision, old.version + 1),
             None => (rev, 1),
         };
-        let kv = KeyValue {
+        let kv = Arc::new(KeyValue {
             key: key.to_string(),
             value,
             create_revision,
             mod_revision: rev,
             version,
             lease,
-        };
-        self.events.push(Event {
+        });
+        self.events.push(SharedEvent {
             kind: EventKind::Put,
             kv: kv.clone(),
         });
@@ -566,15 +520,15 @@ impl Batch<'_> {
         if self.lookup(key).is_none() {
             return false;
         }
-        let kv = KeyValue {
+        let kv = Arc::new(KeyValue {
             key: key.to_string(),
             value: Vec::new(),
             create_revision: 0,
             mod_revision: rev,
             version: 0,
             lease: NO_LEASE,
-        };
-        self.events.push(Event {
+        });
+        self.events.push(SharedEvent {
             kind: EventKind::Delete,
             kv,
         });
@@ -761,7 +715,7 @@ impl Writer {
         drop(state);
 
         let changed = !kvs.is_empty() || !leases.is_empty() || next_lease != self.next_lease;
-        if changed && let Err(e) = self.commit(revision, next_lease, &kvs, &leases) {
+        if changed && let Err(e) = self.files.append(revision, next_lease, &kvs, &leases) {
             tracing::error!(error = %e, "embedded store: commit failed");
             for (_, reply) in replies {
                 let _ = reply.send(Err(e.clone()));
@@ -823,61 +777,57 @@ impl Writer {
         for (result, reply) in replies {
             let _ = reply.send(result);
         }
+        if changed {
+            self.maybe_compact();
+        }
     }
 
-    fn commit(
-        &self,
-        revision: Revision,
-        next_lease: LeaseId,
-        kvs: &BTreeMap<String, Option<KeyValue>>,
-        leases: &BTreeMap<LeaseId, Option<Duration>>,
-    ) -> Result<()> {
-        let txn = self.db.begin_write().map_err(io)?;
-        {
-            let mut kv_table = txn.open_table(KV).map_err(io)?;
-            for (key, value) in kvs {
-                match value {
-                    Some(kv) => {
-                        kv_table
-                            .insert(key.as_str(), encode(kv).as_slice())
-                            .map_err(io)?;
-                    }
-                    None => {
-                        kv_table.remove(key.as_str()).map_err(io)?;
-                    }
-                }
-            }
-            let mut lease_table = txn.open_table(LEASES).map_err(io)?;
-            for (id, granted) in leases {
-                match granted {
-                    Some(ttl) => {
-                        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-                        lease_table.insert(id, ms).map_err(io)?;
-                    }
-                    None => {
-                        lease_table.remove(id).map_err(io)?;
-                    }
-                }
-            }
-            let mut meta = txn.open_table(META).map_err(io)?;
-            meta.insert(META_REVISION, revision).map_err(io)?;
-            meta.insert(META_NEXT_LEASE, next_lease).map_err(io)?;
+    /// Snapshots the committed state and restarts the log, if the log has grown enough.
+    /// Runs on the writer thread, so the next group commit waits for it: it encodes every
+    /// key (a memory copy of the data set, holding the state's read lock, which only
+    /// delays watch registration) and writes and fsyncs a file that size. With the default
+    /// threshold that happens after at least 64 MiB of log, i.e. rarely, and costs
+    /// about as much as writing those 64 MiB did in the first place.
+    fn maybe_compact(&mut self) {
+        if !self.files.wants_compaction() {
+            return;
         }
-        txn.commit().map_err(io)
+        let started = Instant::now();
+        let leases: Vec<(LeaseId, Duration)> = lock(&self.shared.leases)
+            .iter()
+            .map(|(id, l)| (*id, l.ttl))
+            .collect();
+        let st = read(&self.shared.state);
+        let result = self.files.compact(
+            st.revision,
+            self.next_lease,
+            st.kvs.values().map(|kv| &**kv),
+            leases.into_iter(),
+        );
+        let keys = st.kvs.len();
+        drop(st);
+        match result {
+            Ok(()) => tracing::debug!(
+                keys,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "embedded store: log compacted into a snapshot"
+            ),
+            Err(e) => tracing::warn!(error = %e, "embedded store: log compaction failed"),
+        }
     }
 }
 
 impl State {
     /// Appends committed events to the history and sends them to the watchers: one
     /// message per revision, so that a watcher gets a revision entirely or not at all.
-    fn publish(&mut self, events: Vec<Event>) {
+    fn publish(&mut self, events: Vec<SharedEvent>) {
         for group in events.chunk_by(|a, b| a.kv.mod_revision == b.kv.mod_revision) {
             let rev = group.first().map_or(0, |e| e.kv.mod_revision);
             self.watchers.retain(|_, w| {
                 if rev < w.from {
                     return true;
                 }
-                let mine: Vec<Event> = group
+                let mine: Vec<SharedEvent> = group
                     .iter()
                     .filter(|e| e.kv.key.starts_with(&w.prefix))
                     .cloned()
@@ -934,8 +884,8 @@ impl Drop for WatchGuard {
 
 struct WatchState {
     /// The replayed history, then the rest of the revision being delivered.
-    buffered: VecDeque<Event>,
-    rx: tokio::sync::mpsc::Receiver<Vec<Event>>,
+    buffered: VecDeque<SharedEvent>,
+    rx: tokio::sync::mpsc::Receiver<Vec<SharedEvent>>,
     lagged: Arc<AtomicBool>,
     done: bool,
     _guard: WatchGuard,
@@ -951,7 +901,7 @@ impl EmbeddedStore {
                 oldest: st.compacted + 1,
             });
         }
-        let replay: VecDeque<Event> = if from == 0 {
+        let replay: VecDeque<SharedEvent> = if from == 0 {
             VecDeque::new()
         } else {
             let start = st.history.partition_point(|e| e.kv.mod_revision < from);
@@ -992,7 +942,8 @@ impl EmbeddedStore {
             }
             loop {
                 if let Some(e) = s.buffered.pop_front() {
-                    return Some((Ok(e), s));
+                    // The copy is made here, by the consumer, not by the writer.
+                    return Some((Ok(e.into_event()), s));
                 }
                 match s.rx.recv().await {
                     Some(evs) => s.buffered.extend(evs),
@@ -1017,7 +968,10 @@ impl EmbeddedStore {
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         check_key(key)?;
-        Ok(read(&self.inner.shared.state).kvs.get(key).cloned())
+        Ok(read(&self.inner.shared.state)
+            .kvs
+            .get(key)
+            .map(|kv| KeyValue::clone(kv)))
     }
 
     async fn range(&self, prefix: &str) -> Result<Range> {
@@ -1037,7 +991,7 @@ impl Store for EmbeddedStore {
                 Bound::Included(q.start.as_str()),
                 Bound::Excluded(q.end.as_str()),
             ))
-            .map(|(_, kv)| kv);
+            .map(|(_, kv)| &**kv);
         let kvs: Vec<KeyValue> = match q.limit {
             0 => it.by_ref().cloned().collect(),
             n => it.by_ref().take(n).cloned().collect(),
@@ -1088,7 +1042,7 @@ impl Store for EmbeddedStore {
             let succeeded = txn
                 .compares
                 .iter()
-                .all(|c| compare_holds(c, st.kvs.get(&c.key)));
+                .all(|c| compare_holds(c, st.kvs.get(&c.key).map(|kv| &**kv)));
             let ops = if succeeded {
                 &txn.success
             } else {
@@ -1097,7 +1051,7 @@ impl Store for EmbeddedStore {
             let gets = ops
                 .iter()
                 .filter_map(|op| match op {
-                    Op::Get { key } => Some(st.kvs.get(key).cloned()),
+                    Op::Get { key } => Some(st.kvs.get(key).map(|kv| KeyValue::clone(kv))),
                     _ => None,
                 })
                 .collect();

@@ -1,6 +1,6 @@
 //! Ferry's storage: one [`Store`] trait with etcd's semantics, and two backends.
 //!
-//! - [`embedded::EmbeddedStore`]: durable (redb), for a single process (`ferry up`).
+//! - [`embedded::EmbeddedStore`]: durable (write-ahead log + snapshots), for a single process (`ferry up`).
 //! - [`etcd::EtcdStore`]: the distributed engine, through etcd-client.
 //!
 //! Both run the same conformance suite (`tests/conformance.rs`). Semantics follow
