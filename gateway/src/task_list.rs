@@ -293,8 +293,8 @@ pub async fn list(
 }
 
 /// Tasks of `function` created in `[since, until)` that `keep` accepts, oldest first,
-/// at most `limit` (the oldest ones). Reads the window's index entries, and the task
-/// records only when `needs_record` (a filter beyond function and time).
+/// at most `limit` (the oldest ones). Reads the window's index entries and their task
+/// records, a page at a time, holding at most `limit` records.
 pub async fn select_oldest(
     store: &Arc<dyn Store>,
     function: &str,

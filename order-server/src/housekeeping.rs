@@ -414,35 +414,10 @@ mod retention {
     #![allow(clippy::unwrap_used)]
     use std::sync::Arc;
 
-    use ferry_core::model::VersionRecord;
-    use ferry_core::package::{Kind, Limits};
-    use ferry_core::task::{Priority, RetryPolicy};
     use ferry_store::Store;
 
     use super::*;
     use crate::Config;
-
-    fn task(function: &str, created_ms: u64) -> TaskRecord {
-        let version = VersionRecord {
-            name: function.into(),
-            version: 1,
-            sha256: "0".repeat(64),
-            size: 1,
-            kind: Kind::Wasm,
-            limits: Limits::default(),
-            resources: Default::default(),
-            retry: RetryPolicy::default(),
-            created_ms: 0,
-        };
-        TaskRecord::new(
-            ferry_core::id::new_id(),
-            version,
-            "local".into(),
-            Priority::Normal,
-            vec![],
-            created_ms,
-        )
-    }
 
     #[tokio::test]
     async fn expired_tasks_go_with_their_index_keys_and_nothing_newer_does() {
@@ -461,8 +436,7 @@ mod retention {
         // their task's index), and one at 30 s past the cutoff of 25 s.
         let mut all = vec![];
         for (finished, with_value) in [(10_000, false), (20_000, true), (30_000, true)] {
-            let mut t = task("acme.resize", finished - 5_000);
-            t.function = "acme.resize".into();
+            let t = crate::tasks::fencing::queued_task("acme.resize", finished - 5_000);
             let mut txn =
                 Txn::new().then(Op::put(keys::task(&t.id), serde_json::to_vec(&t).unwrap()));
             for k in keys::task_index(&t.function, t.created_ms, &t.id) {

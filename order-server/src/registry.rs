@@ -864,24 +864,7 @@ mod tests {
     }
 
     fn attach(r: &Registry, id: &str) -> mpsc::Receiver<Result<ServerMessage, tonic::Status>> {
-        let (tx, rx) = mpsc::channel(64);
-        let cap = Capacity {
-            cpu_millis: 4000,
-            memory_mb: 4096,
-            slots: 8,
-            ..Capacity::default()
-        };
-        r.attach(
-            id,
-            1,
-            cap,
-            vec!["cpu".into()],
-            BTreeMap::new(),
-            vec![],
-            tx,
-            Carried::default(),
-        );
-        rx
+        attach_carrying(r, id, Carried::default())
     }
 
     fn attach_carrying(

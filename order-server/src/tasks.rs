@@ -1084,7 +1084,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod fencing {
+pub(crate) mod fencing {
     use std::sync::Arc;
 
     use ferry_core::model::VersionRecord;
@@ -1095,9 +1095,10 @@ mod fencing {
     use super::*;
     use crate::Config;
 
-    fn running_task(owner: &str) -> TaskRecord {
+    /// A queued task of `function` created at `created_ms`, for tests.
+    pub(crate) fn queued_task(function: &str, created_ms: u64) -> TaskRecord {
         let version = VersionRecord {
-            name: "f".into(),
+            name: function.into(),
             version: 1,
             sha256: "0".repeat(64),
             size: 1,
@@ -1107,14 +1108,18 @@ mod fencing {
             retry: RetryPolicy::default(),
             created_ms: 0,
         };
-        let mut t = TaskRecord::new(
+        TaskRecord::new(
             ferry_core::id::new_id(),
             version,
             "local".into(),
             Priority::Normal,
             vec![],
-            ferry_core::now_ms(),
-        );
+            created_ms,
+        )
+    }
+
+    fn running_task(owner: &str) -> TaskRecord {
+        let mut t = queued_task("f", ferry_core::now_ms());
         t.state = TaskState::Running;
         t.attempt = 1;
         t.owner = Some(owner.into());
