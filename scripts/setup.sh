@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Installs what Ferry needs on a fresh Debian machine: protoc (etcd-client's and our
-# proto build), etcd (the distributed store the tests start), ffmpeg (the transcode
-# functions), openssl (the https test's throw-away CA), the wasm32-wasip2 target
-# (WebAssembly functions), and boto3 and moto[server] (the Lambda and S3 tests).
-# Skips what is there.
+# Installs what Ferry needs on a fresh Debian machine: protoc and the well-known
+# types (etcd-client's and our proto build), etcd (the distributed store the tests
+# start), ffmpeg (the transcode functions), openssl (the https test's throw-away CA),
+# the wasm32-wasip2 target (WebAssembly functions), and boto3 and moto[server] (the
+# Lambda and S3 tests). Skips what is there.
 set -euo pipefail
 
 need=()
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# The well-known types (google/protobuf/*.proto) etcd-client's protos import: only
+# recommended by protobuf-compiler, so not installed with --no-install-recommends.
+[ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v ffmpeg >/dev/null || need+=(ffmpeg)
 command -v python3 >/dev/null || need+=(python3 python3-pip)
