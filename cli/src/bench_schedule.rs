@@ -157,7 +157,7 @@ async fn enqueue(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<Vec<String>
 /// same JSON records and the same concurrency, straight at the store: no queue index,
 /// placement, gRPC or nodes. Returns tasks/s.
 async fn store_floor(kind: &str, tasks: usize) -> anyhow::Result<f64> {
-    use ferry_core::task::{Attempt, TaskState};
+    use ferry_core::task::{Claim, TaskState};
     use ferry_store::Compare;
     let bs = open(kind).await?;
     let store = bs.store.clone();
@@ -191,44 +191,37 @@ async fn store_floor(kind: &str, tasks: usize) -> anyhow::Result<f64> {
             let mut running = vec![];
             for (id, kv) in chunk.iter().zip(gets) {
                 let kv = kv.context("a queued task's record")?;
-                let mut t: TaskRecord = serde_json::from_slice(&kv.value)?;
-                t.state = TaskState::Running;
-                t.attempt += 1;
-                t.attempts.push(Attempt {
-                    attempt: t.attempt,
-                    order_server: "bench".into(),
-                    node: "sim".into(),
+                let t: TaskRecord = serde_json::from_slice(&kv.value)?;
+                let mark = Claim {
+                    by: "bench@1".into(),
+                    attempt: t.attempt + 1,
+                    node: "sim-000001".into(),
                     started_ms: now,
-                    finished_ms: None,
-                    outcome: None,
-                    error: None,
-                });
+                };
+                let mut entry = t.queue_entry();
+                entry.claim = Some(mark.clone());
                 let queued = keys::queued(CLUSTER, id);
-                let run_key = keys::running(CLUSTER, "bench@1", id);
                 claim = claim
-                    .when(Compare::mod_revision(keys::task(id), kv.mod_revision))
                     .when(Compare::mod_revision(&queued, kv.mod_revision))
-                    .then(Op::put(keys::task(id), serde_json::to_vec(&t)?))
-                    .then(Op::delete(queued))
-                    .then(Op::put(run_key.clone(), b"normal default".to_vec()));
-                running.push((t, run_key));
+                    .then(Op::put(queued.clone(), serde_json::to_vec(&entry)?));
+                running.push((t.with_claim(&mark), queued));
             }
             let claimed = store.txn(claim).await?;
             anyhow::ensure!(claimed.succeeded, "the baseline's claim lost a race");
             for group in running.chunks(24) {
                 let mut commit = Txn::new().when(fence());
-                for (t, run_key) in group {
+                for (t, queued) in group {
                     let mut t = t.clone();
                     t.state = TaskState::Succeeded;
                     t.output = Some(b"ok".to_vec());
                     commit = commit
-                        .when(Compare::mod_revision(keys::task(&t.id), claimed.revision))
+                        .when(Compare::mod_revision(queued, claimed.revision))
+                        .then(Op::delete(queued.clone()))
                         .then(Op::delete(keys::cancel(&t.id)))
                         .then(Op::put(
                             keys::done(CLUSTER, now, &t.id),
                             keys::done_value(t.created_ms, &t.function),
                         ))
-                        .then(Op::delete(run_key.clone()))
                         .then(Op::put(keys::task(&t.id), serde_json::to_vec(&t)?));
                 }
                 anyhow::ensure!(

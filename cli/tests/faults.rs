@@ -214,16 +214,7 @@ async fn a_thousand_tasks_survive_kills_and_a_paused_order_server() {
             .unwrap()
             .kvs
             .is_empty(),
-        "nothing left queued"
-    );
-    assert!(
-        store_handle
-            .range(ferry_core::keys::RUNNING)
-            .await
-            .unwrap()
-            .kvs
-            .is_empty(),
-        "nothing left marked running"
+        "nothing left queued or claimed"
     );
     drop(os_b.child.kill());
 }

@@ -126,14 +126,13 @@ pub fn queued(cluster: &str, task_id: &str) -> String {
     format!("{QUEUE}{cluster}/{task_id}")
 }
 
-/// One key per running task, under the order-server instance that owns it, so
-/// orphans of a dead instance can be found and re-queued.
+/// Running keys of stores from before claim marks (`QueueEntry::claim`): one per
+/// running task, under its instance's incarnation. Nothing writes them any more; the
+/// orphan sweep still re-queues those of gone incarnations, so no task is lost across
+/// the upgrade.
 pub const RUNNING: &str = "/ferry/running/";
 pub fn running_of(cluster: &str) -> String {
     format!("{RUNNING}{cluster}/")
-}
-pub fn running(cluster: &str, instance: &str, task_id: &str) -> String {
-    format!("{RUNNING}{cluster}/{instance}/{task_id}")
 }
 
 /// The latest progress report of a running task (`TaskProgress`), apart from the task

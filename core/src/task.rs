@@ -193,6 +193,24 @@ pub struct TaskRecord {
     pub queue: String,
 }
 
+/// Who runs a claimed task, and which attempt (see [`QueueEntry::claim`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    /// The order-server instance's incarnation, `{instance}@{registration revision}`:
+    /// when it is no longer registered, any live instance re-queues the task.
+    pub by: String,
+    pub attempt: u32,
+    pub node: String,
+    pub started_ms: u64,
+}
+
+impl Claim {
+    /// The instance id of [`Claim::by`].
+    pub fn instance(&self) -> &str {
+        self.by.rsplit_once('@').map_or(&self.by, |(i, _)| i)
+    }
+}
+
 /// The shape of a task's callback request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -241,6 +259,11 @@ pub struct QueueEntry {
     /// without reading the task.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub queue: String,
+    /// Set while an order-server runs the task: the claim is this mark, written on the
+    /// entry by compare-and-swap (the task record is rewritten only when the attempt
+    /// ends). The commit deletes the entry, or puts it back unmarked for a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Claim>,
 }
 
 impl TaskRecord {
@@ -289,22 +312,32 @@ impl TaskRecord {
             not_before_ms: self.not_before_ms,
             enqueued_ms: self.updated_ms,
             queue: self.queue.clone(),
+            claim: None,
         }
     }
-}
 
-/// The value of a running key (`/ferry/running/…`): the task's class and queue, so
-/// running counts per queue and class are read without reading the tasks.
-pub fn running_mark(priority: Priority, queue: &str) -> Vec<u8> {
-    format!("{} {queue}", priority.as_str()).into_bytes()
-}
-
-/// The class and queue of a running key's value (`None` for marks from before
-/// queues, which were empty).
-pub fn parse_running_mark(v: &[u8]) -> Option<(Priority, &str)> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (p, q) = s.split_once(' ')?;
-    Some((Priority::parse(p)?, q))
+    /// The task as it is while `claim` runs it: the record stays `queued` in the store
+    /// until the attempt ends, so readers lay the claim over it. Records already past
+    /// `queued` (final, or from before claim marks) are left as they are.
+    pub fn with_claim(mut self, claim: &Claim) -> Self {
+        if self.state != TaskState::Queued || claim.attempt <= self.attempt {
+            return self;
+        }
+        self.state = TaskState::Running;
+        self.attempt = claim.attempt;
+        self.owner = Some(claim.instance().to_string());
+        self.updated_ms = self.updated_ms.max(claim.started_ms);
+        self.attempts.push(Attempt {
+            attempt: claim.attempt,
+            order_server: claim.instance().to_string(),
+            node: claim.node.clone(),
+            started_ms: claim.started_ms,
+            finished_ms: None,
+            outcome: None,
+            error: None,
+        });
+        self
+    }
 }
 
 /// The latest progress of a running attempt (`/ferry/progress/{id}`).
@@ -548,12 +581,44 @@ mod tests {
         assert!(Priority::Critical < Priority::Normal && Priority::Normal < Priority::Batch);
         for p in Priority::ALL {
             assert_eq!(Priority::parse(p.as_str()), Some(p));
-            assert_eq!(
-                parse_running_mark(&running_mark(p, "acme.q")),
-                Some((p, "acme.q"))
-            );
         }
-        assert_eq!(parse_running_mark(b""), None);
         assert_eq!(TaskState::parse("timed_out"), Some(TaskState::TimedOut));
+    }
+
+    #[test]
+    fn a_claim_is_laid_over_a_queued_record_only() {
+        let mut t = task(1);
+        t.state = TaskState::Queued;
+        t.attempt = 0;
+        let claim = Claim {
+            by: "os-1@42".into(),
+            attempt: 1,
+            node: "n1".into(),
+            started_ms: 5_000,
+        };
+        assert_eq!(claim.instance(), "os-1");
+        let running = t.clone().with_claim(&claim);
+        assert_eq!(running.state, TaskState::Running);
+        assert_eq!(running.attempt, 1);
+        assert_eq!(running.owner.as_deref(), Some("os-1"));
+        let a = running.attempts.last().unwrap();
+        assert_eq!((a.attempt, a.node.as_str(), a.started_ms), (1, "n1", 5_000));
+        assert_eq!(a.finished_ms, None);
+        // A mark for an attempt the record already holds (committed meanwhile), or a
+        // record past queued, changes nothing.
+        assert_eq!(running.clone().with_claim(&claim), running);
+        let mut done = t.clone();
+        done.state = TaskState::Cancelled;
+        assert_eq!(done.clone().with_claim(&claim), done);
+        // Old entries without a mark still parse; a mark round-trips.
+        let e: QueueEntry =
+            serde_json::from_str(r#"{"priority":"normal","not_before_ms":0,"enqueued_ms":1}"#)
+                .unwrap();
+        assert_eq!(e.claim, None);
+        let mut marked = e.clone();
+        marked.claim = Some(claim);
+        let back: QueueEntry =
+            serde_json::from_slice(&serde_json::to_vec(&marked).unwrap()).unwrap();
+        assert_eq!(back, marked);
     }
 }

@@ -17,7 +17,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use ferry_core::model::{DEFAULT_QUEUE, QueueRecord, RERUN_QUEUE};
-use ferry_core::task::{Priority, QueueEntry, parse_running_mark};
+use ferry_core::task::{Priority, QueueEntry};
 use ferry_core::{ErrorCode, keys};
 use ferry_store::{Compare, Op, Store, StoreError, Txn, WatchCache};
 use serde::Deserialize;
@@ -158,18 +158,18 @@ fn admin_name(name: &str) -> ApiResult<(Option<String>, String)> {
 }
 
 /// Queued and running tasks per queue (internal name) and class, read from the store:
-/// queue entries carry their queue; running keys carry theirs as their value.
+/// queue entries carry their queue and class, and a claim mark while the task runs.
 pub(crate) async fn counts(store: &dyn Store) -> Result<BTreeMap<String, QueueCounts>, StoreError> {
     let mut out: BTreeMap<String, QueueCounts> = BTreeMap::new();
     for kv in store.range(keys::QUEUE).await?.kvs {
         if let Ok(e) = serde_json::from_slice::<QueueEntry>(&kv.value) {
             let c = out.entry(e.queue).or_default();
-            c.queued[e.priority as usize] += 1;
+            if e.claim.is_some() {
+                c.running[e.priority as usize] += 1;
+            } else {
+                c.queued[e.priority as usize] += 1;
+            }
         }
-    }
-    for kv in store.range(keys::RUNNING).await?.kvs {
-        let (p, q) = parse_running_mark(&kv.value).unwrap_or((Priority::Normal, ""));
-        out.entry(q.to_string()).or_default().running[p as usize] += 1;
     }
     Ok(out)
 }

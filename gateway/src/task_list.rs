@@ -130,7 +130,9 @@ impl Merged {
     }
 }
 
-/// Reads the task records of `ids` in one round trip per 100 (absent ones: None).
+/// Reads the task records of `ids` in one round trip per 100 (absent ones: None), and
+/// lays the claims of queued ones' entries over them (a claimed task is running) with
+/// one more round trip for those.
 async fn records(store: &Arc<dyn Store>, ids: &[String]) -> ApiResult<Vec<Option<TaskRecord>>> {
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(100) {
@@ -140,6 +142,28 @@ async fn records(store: &Arc<dyn Store>, ids: &[String]) -> ApiResult<Vec<Option
         };
         for got in store.txn(txn).await?.gets {
             out.push(got.and_then(|kv| serde_json::from_slice::<TaskRecord>(&kv.value).ok()));
+        }
+    }
+    let queued: Vec<usize> = (0..out.len())
+        .filter(|&i| {
+            out[i]
+                .as_ref()
+                .is_some_and(|t| t.state == TaskState::Queued)
+        })
+        .collect();
+    for chunk in queued.chunks(100) {
+        let txn = Txn {
+            success: chunk
+                .iter()
+                .filter_map(|&i| out[i].as_ref())
+                .map(|t| Op::get(keys::queued(&t.cluster, &t.id)))
+                .collect(),
+            ..Txn::default()
+        };
+        for (&i, entry) in chunk.iter().zip(store.txn(txn).await?.gets) {
+            if let Some(t) = out[i].take() {
+                out[i] = Some(crate::tasks::with_entry(t, entry.as_ref()));
+            }
         }
     }
     Ok(out)

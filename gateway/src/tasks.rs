@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use ferry_core::task::{Priority, TaskRecord, TaskState};
+use ferry_core::task::{Priority, QueueEntry, TaskRecord, TaskState};
 use ferry_core::{ErrorCode, keys};
 use ferry_store::{Compare, KeyValue, Op, Txn};
 use serde::{Deserialize, Serialize};
@@ -233,7 +233,7 @@ pub(crate) async fn submit_task(
                             ));
                         }
                         // The same task: say where it stands and which version it runs.
-                        let t = load(st, who, &e.task_id).await.ok().map(|(t, _)| t);
+                        let t = current(st, who, &e.task_id).await.ok().map(|c| c.task);
                         return Ok(accepted(&e.task_id, t.as_ref(), true));
                     }
                     // Expired: the key may be reused.
@@ -307,9 +307,72 @@ fn owned(who: &Principal, id: &str, kv: Option<KeyValue>) -> ApiResult<(TaskReco
     Ok((t, kv.mod_revision))
 }
 
-async fn load(st: &AppState, who: &Principal, id: &str) -> ApiResult<(TaskRecord, i64)> {
+/// Lays the claim of the task's queue entry, if it has one, over the record: a claimed
+/// task is running, though its record still says queued (order-servers claim by
+/// marking the entry and write the record when the attempt ends).
+pub(crate) fn with_entry(t: TaskRecord, entry: Option<&KeyValue>) -> TaskRecord {
+    match entry
+        .and_then(|e| serde_json::from_slice::<QueueEntry>(&e.value).ok())
+        .and_then(|e| e.claim)
+    {
+        Some(c) => t.with_claim(&c),
+        None => t,
+    }
+}
+
+/// A task as it is now, read at one revision: the record with its entry's claim laid
+/// over, the record's revision, and (unless it is final) its queue entry, cancel
+/// request and progress.
+struct Current {
+    task: TaskRecord,
+    rev: i64,
+    entry: Option<KeyValue>,
+    cancel: Option<KeyValue>,
+    progress: Option<KeyValue>,
+}
+
+async fn current(st: &AppState, who: &Principal, id: &str) -> ApiResult<Current> {
     valid_task_id(id)?;
-    owned(who, id, st.store.get(&keys::task(id)).await?)
+    // The record names the cluster (and so the entry's key): read it, then the rest in
+    // a transaction that holds only while the record is unchanged.
+    for _ in 0..8 {
+        let (task, rev) = owned(who, id, st.store.get(&keys::task(id)).await?)?;
+        if task.state.is_final() {
+            return Ok(Current {
+                task,
+                rev,
+                entry: None,
+                cancel: None,
+                progress: None,
+            });
+        }
+        let read = Txn::new()
+            .when(Compare::mod_revision(keys::task(id), rev))
+            .then(Op::get(keys::queued(&task.cluster, id)))
+            .then(Op::get(keys::cancel(id)))
+            .then(Op::get(keys::progress(id)));
+        let r = st.store.txn(read).await?;
+        if !r.succeeded {
+            continue;
+        }
+        let mut gets = r.gets.into_iter();
+        let (entry, cancel, progress) = (
+            gets.next().flatten(),
+            gets.next().flatten(),
+            gets.next().flatten(),
+        );
+        return Ok(Current {
+            task: with_entry(task, entry.as_ref()),
+            rev,
+            entry,
+            cancel,
+            progress,
+        });
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        "the task kept changing; retry",
+    ))
 }
 
 pub async fn get(
@@ -317,24 +380,12 @@ pub async fn get(
     who: Who,
     Path(id): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    valid_task_id(&id)?;
-    // The task, its cancellation request and its progress at one revision: read apart,
-    // a commit in between could show a running task whose request is already gone.
-    let read = Txn {
-        success: vec![
-            Op::get(keys::task(&id)),
-            Op::get(keys::cancel(&id)),
-            Op::get(keys::progress(&id)),
-        ],
-        ..Txn::default()
-    };
-    let mut gets = st.store.txn(read).await?.gets.into_iter();
-    let (task, cancel, progress_kv) = (
-        gets.next().flatten(),
-        gets.next().flatten(),
-        gets.next().flatten(),
-    );
-    let (mut t, _) = owned(&who, &id, task)?;
+    let Current {
+        task: mut t,
+        cancel,
+        progress: progress_kv,
+        ..
+    } = current(&st, &who, &id).await?;
     let mut progress = None;
     if !t.state.is_final() {
         t.cancel_requested = cancel.is_some();
@@ -361,9 +412,20 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     for _ in 0..8 {
-        let (mut t, rev) = load(&st, &who, &id).await?;
+        let Current {
+            task: mut t,
+            rev,
+            entry,
+            ..
+        } = current(&st, &who, &id).await?;
         let now = ferry_core::now_ms();
         let tkey = keys::task(&t.id);
+        let qkey = keys::queued(&t.cluster, &t.id);
+        // The entry as read: unchanged, or still absent.
+        let entry_unchanged = match &entry {
+            Some(e) => Compare::mod_revision(&qkey, e.mod_revision),
+            None => Compare::absent(&qkey),
+        };
         let txn = match t.state {
             s if s.is_final() => {
                 return Err(ApiError::new(
@@ -377,16 +439,18 @@ pub async fn cancel(
                 t.updated_ms = now;
                 Txn::new()
                     .when(Compare::mod_revision(&tkey, rev))
+                    .when(entry_unchanged)
                     .then(Op::put(&tkey, serde_json::to_vec(&t).unwrap_or_default()))
-                    .then(Op::delete(keys::queued(&t.cluster, &t.id)))
+                    .then(Op::delete(qkey))
             }
             _ => {
-                // The record of a running task belongs to its order-server (its
-                // completion is a CAS on the record's revision): only the cancel key is
-                // written, and the owner stops the attempt.
+                // A running task's attempt belongs to its order-server (its completion
+                // is a CAS on the claimed entry): only the cancel key is written, and
+                // the owner stops the attempt.
                 t.cancel_requested = true;
                 Txn::new()
                     .when(Compare::mod_revision(&tkey, rev))
+                    .when(entry_unchanged)
                     .then(Op::put(
                         keys::cancel(&t.id),
                         serde_json::to_vec(&t.attempt).unwrap_or_default(),

@@ -29,8 +29,11 @@ pub(crate) struct Indexed {
 
 #[derive(Default)]
 pub(crate) struct Data {
-    /// By task id.
+    /// Unclaimed entries, by task id.
     entries: HashMap<String, Indexed>,
+    /// Claimed entries (tasks running somewhere), by task id: never handed out by
+    /// [`QueueIndex::gather`]; the orphan sweep looks for those of gone instances.
+    claimed: HashMap<String, Indexed>,
     /// (queue, class) → (rank, task id), ascending.
     groups: BTreeMap<(String, Priority), BTreeSet<(u64, String)>>,
 }
@@ -61,6 +64,19 @@ impl Data {
         };
         entry.queue = queue_name(&entry.queue).to_string();
         let rank = queue_rank(&entry);
+        if entry.claim.is_some() {
+            self.claimed.insert(
+                id.clone(),
+                Indexed {
+                    id,
+                    key: kv.key,
+                    mod_revision: kv.mod_revision,
+                    entry,
+                    rank,
+                },
+            );
+            return;
+        }
         self.groups
             .entry((entry.queue.clone(), entry.priority))
             .or_default()
@@ -78,6 +94,9 @@ impl Data {
     }
 
     fn remove(&mut self, id: &str) -> Option<Indexed> {
+        if let Some(old) = self.claimed.remove(id) {
+            return Some(old);
+        }
         let old = self.entries.remove(id)?;
         let group = (old.entry.queue.clone(), old.entry.priority);
         if let Some(set) = self.groups.get_mut(&group) {
@@ -109,10 +128,27 @@ impl QueueIndex {
         self.view.changes()
     }
 
-    /// Entries indexed (queued tasks, less those our claims took and the watch has
-    /// not reported yet).
+    /// Unclaimed entries indexed (queued tasks, less those our claims took and the
+    /// watch has not reported yet).
     pub fn len(&self) -> usize {
         self.view.read().entries.len()
+    }
+
+    /// Claimed entries whose claim is not by one of `live` incarnations (their
+    /// instance is gone), for the orphan sweep.
+    pub fn orphans(&self, live: &[String]) -> Vec<Indexed> {
+        self.view
+            .read()
+            .claimed
+            .values()
+            .filter(|e| {
+                e.entry
+                    .claim
+                    .as_ref()
+                    .is_some_and(|c| !live.contains(&c.by))
+            })
+            .cloned()
+            .collect()
     }
 
     /// The first entries of each (queue, class) group, in rank order, that `eligible`
@@ -147,9 +183,9 @@ impl QueueIndex {
         out
     }
 
-    /// Drops entries our own claim deleted, before the watch reports it, so the next
-    /// pass does not read them again. Only the claimed revision is dropped: a newer one
-    /// (the task re-queued since) stays.
+    /// Drops entries our own claim marked, before the watch reports the mark, so the
+    /// next pass does not read them again. Only the claimed revision is dropped: a
+    /// newer one (the mark itself, or the task re-queued since) stays.
     pub fn forget(&self, claimed: &[(&str, Revision)]) {
         self.view.update(|data| {
             for &(id, rev) in claimed {
@@ -173,6 +209,7 @@ mod tests {
             not_before_ms: 0,
             enqueued_ms,
             queue: queue.into(),
+            claim: None,
         })
         .unwrap()
     }
@@ -239,5 +276,53 @@ mod tests {
             .map(|e| e.id)
             .collect();
         assert_eq!(ids, ["t4", "t2"]);
+
+        // A claim mark takes the entry out of what is handed out; a mark by a gone
+        // incarnation is an orphan; unmarked again, it is handed out again.
+        let mut marked: QueueEntry =
+            serde_json::from_slice(&entry(Priority::Critical, 9, "")).unwrap();
+        marked.claim = Some(ferry_core::task::Claim {
+            by: "os-1@7".into(),
+            attempt: 1,
+            node: "n".into(),
+            started_ms: 10,
+        });
+        let rev = store
+            .put(
+                &keys::queued("c", "t4"),
+                serde_json::to_vec(&marked).unwrap(),
+                0,
+            )
+            .await
+            .unwrap();
+        while *changes.borrow_and_update() < rev {
+            changes.changed().await.unwrap();
+        }
+        let ids: Vec<String> = index
+            .gather(|_| 10, |_| true)
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["t2"]);
+        assert!(index.orphans(&["os-1@7".into()]).is_empty());
+        let orphans = index.orphans(&["os-1@8".into()]);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(
+            (orphans[0].id.as_str(), orphans[0].mod_revision),
+            ("t4", rev)
+        );
+        let rev = store
+            .put(
+                &keys::queued("c", "t4"),
+                entry(Priority::Critical, 9, ""),
+                0,
+            )
+            .await
+            .unwrap();
+        while *changes.borrow_and_update() < rev {
+            changes.changed().await.unwrap();
+        }
+        assert!(index.orphans(&[]).is_empty());
+        assert_eq!(index.gather(|_| 10, |_| true).len(), 2);
     }
 }

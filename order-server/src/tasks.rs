@@ -7,23 +7,28 @@
 //!   Candidates come from the [`QueueIndex`](crate::queue_index::QueueIndex) (the queue
 //!   parsed once and sorted as it arrives) and are chosen by [`fairness::select`]:
 //!   priority with aging, queues interleaved within a class, each queue held to this
-//!   instance's share of its MRT. One transaction claims a batch (`Queued → Running`,
-//!   queue key deleted, a running key written under the instance's incarnation),
-//!   placed first so nothing is claimed without a node to run it.
-//! - **Complete**: the result is committed only if the task is still at the revision
+//!   instance's share of its MRT. One transaction claims a batch: each task's queue
+//!   entry is marked with the claim (instance incarnation, attempt, node, start) by
+//!   compare-and-swap on the entry, one write a task; the task record is not touched
+//!   until the attempt ends (readers lay the mark over it). Tasks are placed first so
+//!   nothing is claimed without a node to run it.
+//! - **Complete**: the result is committed only if the entry is still at the revision
 //!   the claim wrote and this instance's registration is the one that claimed it: a
-//!   paused or partitioned instance whose lease expired commits nothing.
-//! - **Orphans**: running keys of incarnations that are no longer registered are
-//!   re-queued by any live instance. A result that arrives later for the same attempt
-//!   (its node re-attached elsewhere) is adopted while the task has not started again.
+//!   paused or partitioned instance whose lease expired commits nothing. The commit
+//!   writes the record and deletes the entry (or puts it back unmarked for a retry).
+//! - **Orphans**: entries marked by incarnations that are no longer registered (seen so
+//!   in two sweeps running) are re-queued by any live instance. A result that arrives
+//!   later for the same attempt (its node re-attached elsewhere) is adopted while the
+//!   task has not started again. Running keys of stores from before claim marks are
+//!   re-queued the same way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use ferry_core::keys;
 use ferry_core::model::QueueRecord;
 use ferry_core::proto::{self, Assignment, Outcome, ServerMessage, TaskResult, server_message};
-use ferry_core::task::{AttemptEnd, Next, TaskRecord, TaskState, after_attempt};
+use ferry_core::task::{AttemptEnd, Claim, Next, TaskRecord, TaskState, after_attempt};
 use ferry_store::{Compare, Op, Revision, Txn};
 use rand::Rng;
 use tracing::{debug, info, warn};
@@ -34,7 +39,7 @@ use crate::queue_index::Indexed;
 use crate::registry::Reply;
 use crate::service::OrderService;
 
-/// Tasks claimed in one transaction at most (3 operations each, under etcd's 128).
+/// Tasks claimed in one transaction at most (a compare and a put each, under etcd's 128).
 const CLAIM_BATCH: usize = 32;
 /// Claim transactions one pass launches (one queue snapshot serves them all).
 const CLAIM_PARALLEL: usize = 8;
@@ -50,9 +55,9 @@ pub(crate) struct Inflight {
     pub attempt: u32,
     /// The queue it was claimed from (counted against that queue's MRT share).
     pub queue: String,
-    /// The running key our claim wrote, at `claim_rev`: progress is written only while
+    /// The queue entry our claim marked, at `claim_rev`: progress is written only while
     /// it is still there unchanged (the attempt is still ours and not committed).
-    pub running_key: String,
+    pub queue_key: String,
     pub claim_rev: i64,
     pub last_progress: Option<std::time::Instant>,
     /// Its commit is under way: no more progress writes (the commit decided whether
@@ -131,7 +136,6 @@ fn mrt_of(defined: &HashMap<String, Option<u32>>, queue: &str) -> Option<u32> {
 /// A queue entry chosen for a claim, with its task record read.
 struct Chosen {
     task: TaskRecord,
-    task_rev: Revision,
     queued: Indexed,
 }
 
@@ -377,14 +381,11 @@ impl OrderService {
                     .ok()
                     .map(|t| (t, kv.mod_revision))
             }) {
+                // An unmarked entry is always written with its task, in one transaction.
                 Some((task, task_rev))
                     if task.state == TaskState::Queued && task_rev == queued.mod_revision =>
                 {
-                    batch.push(Chosen {
-                        task,
-                        task_rev,
-                        queued,
-                    })
+                    batch.push(Chosen { task, queued })
                 }
                 _ => {
                     // A queue entry that no longer matches its task (cancelled, or a
@@ -473,8 +474,9 @@ impl OrderService {
         Ok(n)
     }
 
-    /// Claims placed tasks in one fenced transaction and starts them; on a lost race
-    /// every reservation of the chunk is released.
+    /// Claims placed tasks in one fenced transaction (a claim mark on each queue
+    /// entry) and starts them; on a lost race every reservation of the chunk is
+    /// released.
     async fn claim_chunk(
         &self,
         placed: Vec<(Chosen, String, crate::registry::Placed)>,
@@ -482,45 +484,34 @@ impl OrderService {
         let tag = self.incarnation_tag(self.incarnation());
         let claimed_at = ferry_core::now_ms();
         let mut txn = Txn::new().when(self.fence());
-        // (next record, its queue, the entry's id and revision, slot, placement):
+        // (the record as it runs, the entry's id, key and revision, slot, placement):
         // the records are moved, not cloned.
         let mut started = Vec::with_capacity(placed.len());
         for (c, slot_id, p) in placed {
-            let Chosen {
-                task: mut next,
-                task_rev,
-                queued,
-            } = c;
-            next.state = TaskState::Running;
-            next.attempt += 1;
-            next.owner = Some(self.inner.cfg.id.clone());
-            next.updated_ms = claimed_at;
-            next.attempts.push(ferry_core::task::Attempt {
-                attempt: next.attempt,
-                order_server: self.inner.cfg.id.clone(),
+            let Chosen { task, queued } = c;
+            let claim = Claim {
+                by: tag.clone(),
+                attempt: task.attempt + 1,
                 node: p.node_id.clone(),
                 started_ms: claimed_at,
-                finished_ms: None,
-                outcome: None,
-                error: None,
-            });
-            let task_key = keys::task(&next.id);
+            };
+            let next = task.with_claim(&claim);
+            // The entry as stored (its queue as the task names it); the index's
+            // normalised name is what this instance counts running tasks under.
+            let mut entry = queued.entry;
+            let queue = std::mem::replace(&mut entry.queue, next.queue.clone());
+            entry.claim = Some(claim);
             txn = txn
-                .when(Compare::mod_revision(&task_key, task_rev))
                 .when(Compare::mod_revision(&queued.key, queued.mod_revision))
                 .then(Op::put(
-                    task_key,
-                    serde_json::to_vec(&next).unwrap_or_default(),
-                ))
-                .then(Op::delete(queued.key))
-                .then(Op::put(
-                    keys::running(&self.inner.cfg.cluster, &tag, &next.id),
-                    ferry_core::task::running_mark(next.priority, &next.queue),
+                    queued.key.clone(),
+                    serde_json::to_vec(&entry).unwrap_or_default(),
                 ));
             started.push((
                 next,
-                queued.entry.queue,
+                queue,
                 queued.id,
+                queued.key,
                 queued.mod_revision,
                 slot_id,
                 p,
@@ -535,7 +526,7 @@ impl OrderService {
             other => {
                 // Someone else claimed one of them (or our registration changed):
                 // release every reservation and let the next round re-read.
-                for (_, _, _, _, slot_id, p) in &started {
+                for (_, _, _, _, _, slot_id, p) in &started {
                     self.inner.nodes.abandon(&p.node_id, slot_id);
                 }
                 if let Err(e) = other {
@@ -547,13 +538,12 @@ impl OrderService {
         };
         let claimed: Vec<(&str, Revision)> = started
             .iter()
-            .map(|(_, _, id, rev, _, _)| (id.as_str(), *rev))
+            .map(|(_, _, id, _, rev, _, _)| (id.as_str(), *rev))
             .collect();
         self.inner.queue.forget(&claimed);
         let n = started.len();
-        for (task, queue, _, _, slot_id, p) in started {
-            let running_key = keys::running(&self.inner.cfg.cluster, &tag, &task.id);
-            self.start_task(task, queue, rev, slot_id, running_key, p);
+        for (task, queue, _, queue_key, _, slot_id, p) in started {
+            self.start_task(task, queue, rev, slot_id, queue_key, p);
         }
         Ok(n)
     }
@@ -564,7 +554,7 @@ impl OrderService {
         queue: String,
         claim_rev: i64,
         slot_id: String,
-        running_key: String,
+        queue_key: String,
         p: crate::registry::Placed,
     ) {
         self.inner
@@ -577,7 +567,7 @@ impl OrderService {
                     node: p.node_id.clone(),
                     attempt: task.attempt,
                     queue,
-                    running_key: running_key.clone(),
+                    queue_key: queue_key.clone(),
                     claim_rev,
                     last_progress: None,
                     committing: false,
@@ -637,26 +627,30 @@ impl OrderService {
                     }
                 }
             };
-            svc.commit(task, claim_rev, end, result, why, true, vec![running_key])
+            let guard = vec![Compare::mod_revision(&queue_key, claim_rev)];
+            svc.commit(task, guard, end, result, why, true, vec![])
                 .await;
             svc.inner.capacity_freed.notify_one();
         });
     }
 
-    /// Commits the end of an attempt. `as_owner`: fence on our registration too.
-    /// Returns whether it was committed (false: stale, someone else moved the task on).
+    /// Commits the end of an attempt of `task` (the record as the attempt ran it,
+    /// claim laid over). `guard`: the compares that say the attempt is still the
+    /// task's current one (its claimed entry's revision, or the record's). `as_owner`:
+    /// fence on our registration too. A final state deletes the queue entry, a retry
+    /// puts it back unmarked; `also_delete` names keys of stores from before claim
+    /// marks (running keys). Returns whether it was committed (false: stale, someone
+    /// else moved the task on).
     #[allow(clippy::too_many_arguments)]
     async fn commit(
         &self,
         mut task: TaskRecord,
-        expected_rev: i64,
+        guard: Vec<Compare>,
         end: AttemptEnd,
         result: Option<TaskResult>,
         why: Option<String>,
         as_owner: bool,
-        // Keys the commit deletes: running keys, and for an adopted result, the queue
-        // entry of its re-queued task.
-        running_keys: Vec<String>,
+        also_delete: Vec<String>,
     ) -> bool {
         let now = ferry_core::now_ms();
         let task_id = task.id.clone();
@@ -712,7 +706,10 @@ impl OrderService {
             }
             None => true,
         };
-        let mut txn = Txn::new().when(Compare::mod_revision(keys::task(&task_id), expected_rev));
+        let mut txn = Txn {
+            compares: guard,
+            ..Txn::default()
+        };
         if wrote_progress || !as_owner {
             txn = txn.then(Op::delete(keys::progress(&task_id)));
         }
@@ -736,10 +733,13 @@ impl OrderService {
                 } else {
                     error
                 };
-                txn = txn.then(Op::delete(keys::cancel(&task_id))).then(Op::put(
-                    keys::done(&task.cluster, now, &task_id),
-                    keys::done_value(task.created_ms, &task.function),
-                ));
+                txn = txn
+                    .then(Op::delete(keys::queued(&task.cluster, &task_id)))
+                    .then(Op::delete(keys::cancel(&task_id)))
+                    .then(Op::put(
+                        keys::done(&task.cluster, now, &task_id),
+                        keys::done_value(task.created_ms, &task.function),
+                    ));
                 if task.callback_url.is_some() {
                     let cb = ferry_core::task::CallbackRecord {
                         task_id: task_id.clone(),
@@ -764,12 +764,8 @@ impl OrderService {
             }
         }
         let requeued = matches!(next, Next::Retry { .. });
-        let queue_key = keys::queued(&task.cluster, &task_id);
-        for key in running_keys {
-            // A re-queued task puts its queue key back in this same transaction.
-            if !(requeued && key == queue_key) {
-                txn = txn.then(Op::delete(key));
-            }
+        for key in also_delete {
+            txn = txn.then(Op::delete(key));
         }
         let txn = txn.then(Op::put(
             keys::task(&task_id),
@@ -831,12 +827,12 @@ impl OrderService {
                         && i.last_progress.is_none_or(|t| now - t >= PROGRESS_EVERY) =>
                 {
                     i.last_progress = Some(now);
-                    Some((i.running_key.clone(), i.claim_rev))
+                    Some((i.queue_key.clone(), i.claim_rev))
                 }
                 _ => None,
             }
         };
-        let Some((running_key, claim_rev)) = target else {
+        let Some((queue_key, claim_rev)) = target else {
             return;
         };
         let record = ferry_core::task::TaskProgress {
@@ -848,10 +844,10 @@ impl OrderService {
         let svc = self.clone();
         let key = keys::progress(task_id);
         tokio::spawn(async move {
-            // The running key is deleted by the commit: a report that arrives after it
-            // writes nothing, so no progress key outlives its task's attempt.
+            // The claimed entry is deleted or rewritten by the commit: a report that
+            // arrives after it writes nothing, so no progress key outlives its attempt.
             let txn = Txn::new()
-                .when(Compare::mod_revision(&running_key, claim_rev))
+                .when(Compare::mod_revision(&queue_key, claim_rev))
                 .then(Op::put(
                     key,
                     serde_json::to_vec(&record).unwrap_or_default(),
@@ -868,101 +864,190 @@ impl OrderService {
         let Some((task_id, _)) = r.task_id.split_once('#') else {
             return;
         };
+        let stale = || {
+            self.inner
+                .stale_completions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
         let Ok(Some(kv)) = self.inner.store.get(&keys::task(task_id)).await else {
             return;
         };
         let Ok(task) = serde_json::from_slice::<TaskRecord>(&kv.value) else {
             return;
         };
-        if task.attempt != r.attempt || task.state.is_final() {
-            self.inner
-                .stale_completions
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
+        if task.state.is_final() {
+            return stale();
         }
+        let queue_key = keys::queued(&task.cluster, task_id);
+        let entry = match self.inner.store.get(&queue_key).await {
+            Ok(e) => e,
+            Err(_) => return,
+        };
+        let claim = entry.as_ref().and_then(|e| {
+            serde_json::from_slice::<ferry_core::task::QueueEntry>(&e.value)
+                .ok()
+                .and_then(|q| q.claim)
+        });
         let (_, incarnations) = self.live();
-        let owner_alive = task.state == TaskState::Running
-            && task.owner.as_ref().is_some_and(|o| {
-                incarnations.iter().any(|i| i.starts_with(&format!("{o}@")))
-                    && o != &self.inner.cfg.id
-            });
-        if owner_alive {
-            return; // its owner will hear from the node, or re-queue it
-        }
-        let mut obsolete = self.inner.running_keys_of(task_id).await;
-        if task.state == TaskState::Queued {
-            // Re-queued after its instance died, but the attempt finished after all:
-            // its queue entry goes in the same transaction as the result.
-            obsolete.push(keys::queued(&task.cluster, &task.id));
-        }
+        let mut guard = vec![Compare::mod_revision(keys::task(task_id), kv.mod_revision)];
+        let mut also_delete = vec![];
+        let task = match (&claim, &entry) {
+            // Claimed for this attempt by an instance that is gone (else its owner
+            // hears from the node, or re-queues it).
+            (Some(c), Some(e)) if c.attempt == r.attempt => {
+                if incarnations.contains(&c.by) {
+                    return;
+                }
+                guard.push(Compare::mod_revision(&queue_key, e.mod_revision));
+                task.with_claim(c)
+            }
+            (Some(_), _) => return stale(),
+            // Re-queued after its instance died (the attempt recorded as lost), but
+            // the attempt finished after all; the entry goes with the result.
+            (None, e) if task.state == TaskState::Queued && task.attempt == r.attempt => {
+                if let Some(e) = e {
+                    guard.push(Compare::mod_revision(&queue_key, e.mod_revision));
+                }
+                task
+            }
+            // A store from before claim marks: the record itself says running.
+            (None, _) if task.state == TaskState::Running && task.attempt == r.attempt => {
+                let owner_alive = task.owner.as_ref().is_some_and(|o| {
+                    incarnations.iter().any(|i| i.starts_with(&format!("{o}@")))
+                        && o != &self.inner.cfg.id
+                });
+                if owner_alive {
+                    return;
+                }
+                also_delete = self.inner.running_keys_of(task_id).await;
+                task
+            }
+            _ => return stale(),
+        };
         info!(
             task_id,
             attempt = r.attempt,
             "adopting a result from an earlier owner"
         );
         let end = attempt_end(&r);
-        let running = obsolete;
-        self.commit(task, kv.mod_revision, end, Some(r), None, false, running)
+        self.commit(task, guard, end, Some(r), None, false, also_delete)
             .await;
     }
 
-    /// Re-queues running tasks whose instance incarnation is gone.
+    /// Re-queues running tasks whose instance incarnation is gone: claimed entries
+    /// whose claim is by a gone incarnation in two sweeps running (a new instance's
+    /// registration may reach this instance's view after its first claims), and
+    /// running keys of stores from before claim marks.
     pub(crate) async fn orphan_loop(self) {
+        let mut suspects: HashSet<(String, Revision)> = HashSet::new();
         loop {
             tokio::time::sleep(self.inner.cfg.orphan_sweep).await;
             if self.incarnation() == 0 {
                 continue;
             }
             let (_, live) = self.live();
-            let Ok(running) = self
-                .inner
-                .store
-                .range(&keys::running_of(&self.inner.cfg.cluster))
-                .await
-            else {
-                continue;
-            };
-            for kv in running.kvs {
-                let rest = &kv.key[keys::running_of(&self.inner.cfg.cluster).len()..];
-                let Some((incarnation, task_id)) = rest.split_once('/') else {
-                    continue;
-                };
-                if live.iter().any(|l| l == incarnation) {
-                    continue;
+            let mut seen = HashSet::new();
+            for e in self.inner.queue.orphans(&live) {
+                let key = (e.id.clone(), e.mod_revision);
+                if suspects.contains(&key) {
+                    self.requeue_claimed(e).await;
+                } else {
+                    seen.insert(key);
                 }
-                self.requeue_orphan(task_id, &kv.key).await;
             }
+            suspects = seen;
+            self.requeue_legacy(&live).await;
         }
     }
 
-    async fn requeue_orphan(&self, task_id: &str, running_key: &str) {
-        let Ok(Some(kv)) = self.inner.store.get(&keys::task(task_id)).await else {
-            let _ = self.inner.store.delete(running_key).await;
+    /// Ends the attempt of a claimed entry whose instance is gone, as lost.
+    async fn requeue_claimed(&self, e: crate::queue_index::Indexed) {
+        let Some(claim) = e.entry.claim.clone() else {
             return;
         };
-        let Ok(task) = serde_json::from_slice::<TaskRecord>(&kv.value) else {
-            return;
+        let task = match self.inner.store.get(&keys::task(&e.id)).await {
+            Ok(Some(kv)) => match serde_json::from_slice::<TaskRecord>(&kv.value) {
+                Ok(t) => t,
+                Err(_) => return,
+            },
+            // No task for the entry (removed by hand): drop the entry if unchanged.
+            Ok(None) => {
+                let _ = self
+                    .inner
+                    .store
+                    .txn(
+                        Txn::new()
+                            .when(Compare::mod_revision(&e.key, e.mod_revision))
+                            .then(Op::delete(&e.key)),
+                    )
+                    .await;
+                return;
+            }
+            Err(_) => return,
         };
-        if task.state != TaskState::Running {
-            let _ = self.inner.store.delete(running_key).await;
-            return;
-        }
         info!(
-            task_id,
-            attempt = task.attempt,
+            task_id = e.id,
+            attempt = claim.attempt,
             "re-queueing a task whose order-server is gone"
         );
         let why = Some("its order-server instance was lost".to_string());
+        let guard = vec![Compare::mod_revision(&e.key, e.mod_revision)];
         self.commit(
-            task,
-            kv.mod_revision,
+            task.with_claim(&claim),
+            guard,
             AttemptEnd::PlatformFailure,
             None,
             why,
             false,
-            vec![running_key.to_string()],
+            vec![],
         )
         .await;
+    }
+
+    /// Running keys (stores from before claim marks) of gone incarnations.
+    async fn requeue_legacy(&self, live: &[String]) {
+        let prefix = keys::running_of(&self.inner.cfg.cluster);
+        let Ok(running) = self.inner.store.range(&prefix).await else {
+            return;
+        };
+        for kv in running.kvs {
+            let Some((incarnation, task_id)) = kv.key[prefix.len()..].split_once('/') else {
+                continue;
+            };
+            if live.iter().any(|l| l == incarnation) {
+                continue;
+            }
+            let task = match self.inner.store.get(&keys::task(task_id)).await {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    let _ = self.inner.store.delete(&kv.key).await;
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let Ok(record) = serde_json::from_slice::<TaskRecord>(&task.value) else {
+                continue;
+            };
+            if record.state != TaskState::Running {
+                let _ = self.inner.store.delete(&kv.key).await;
+                continue;
+            }
+            let why = Some("its order-server instance was lost".to_string());
+            let guard = vec![Compare::mod_revision(
+                keys::task(task_id),
+                task.mod_revision,
+            )];
+            self.commit(
+                record,
+                guard,
+                AttemptEnd::PlatformFailure,
+                None,
+                why,
+                false,
+                vec![kv.key.clone()],
+            )
+            .await;
+        }
     }
 
     /// Tells nodes to stop tasks whose cancellation was requested.
@@ -1065,18 +1150,21 @@ mod tests {
             not_before_ms: 0,
             enqueued_ms: 100_000,
             queue: String::new(),
+            claim: None,
         };
         let fresh_batch = QueueEntry {
             priority: Priority::Batch,
             not_before_ms: 0,
             enqueued_ms: 100_000,
             queue: String::new(),
+            claim: None,
         };
         let old_batch = QueueEntry {
             priority: Priority::Batch,
             not_before_ms: 0,
             enqueued_ms: 100_000 - 2 * AGING_MS - 1,
             queue: String::new(),
+            claim: None,
         };
         assert!(queue_rank(&critical) < queue_rank(&fresh_batch));
         assert!(queue_rank(&old_batch) < queue_rank(&critical));
@@ -1118,12 +1206,31 @@ pub(crate) mod fencing {
         )
     }
 
-    fn running_task(owner: &str) -> TaskRecord {
-        let mut t = queued_task("f", ferry_core::now_ms());
-        t.state = TaskState::Running;
-        t.attempt = 1;
-        t.owner = Some(owner.into());
-        t
+    /// Stores `task` queued and its entry claimed by `by` for attempt 1; returns the
+    /// record as the attempt runs it, the entry's key and the claim's revision.
+    async fn claimed(
+        store: &Arc<dyn Store>,
+        task: &TaskRecord,
+        by: &str,
+    ) -> (TaskRecord, String, Revision) {
+        let claim = Claim {
+            by: by.into(),
+            attempt: 1,
+            node: "n1".into(),
+            started_ms: ferry_core::now_ms(),
+        };
+        let mut entry = task.queue_entry();
+        entry.claim = Some(claim.clone());
+        let key = keys::queued(&task.cluster, &task.id);
+        store
+            .put(&keys::task(&task.id), serde_json::to_vec(task).unwrap(), 0)
+            .await
+            .unwrap();
+        let rev = store
+            .put(&key, serde_json::to_vec(&entry).unwrap(), 0)
+            .await
+            .unwrap();
+        (task.clone().with_claim(&claim), key, rev)
     }
 
     fn ok_result(task: &TaskRecord) -> TaskResult {
@@ -1156,17 +1263,15 @@ pub(crate) mod fencing {
             .await
             .unwrap();
         assert!(svc.incarnation() > 0);
-        let task = running_task(&cfg.id);
-        let rev = store
-            .put(&keys::task(&task.id), serde_json::to_vec(&task).unwrap(), 0)
-            .await
-            .unwrap();
+        let tag = svc.incarnation_tag(svc.incarnation());
+        let (task, key, rev) = claimed(&store, &queued_task("f", ferry_core::now_ms()), &tag).await;
+        let guard = |rev| vec![Compare::mod_revision(&key, rev)];
 
         // A stale revision: someone moved the task on since our claim.
         assert!(
             !svc.commit(
                 task.clone(),
-                rev - 1,
+                guard(rev - 1),
                 AttemptEnd::Succeeded,
                 Some(ok_result(&task)),
                 None,
@@ -1175,7 +1280,7 @@ pub(crate) mod fencing {
             )
             .await
         );
-        assert_eq!(state_of(&store, &task.id).await, TaskState::Running);
+        assert_eq!(state_of(&store, &task.id).await, TaskState::Queued);
 
         // Our registration vanished (the lease expired while we were paused) and was
         // written again: the old incarnation's completion must change nothing.
@@ -1186,7 +1291,7 @@ pub(crate) mod fencing {
         assert!(
             !svc.commit(
                 task.clone(),
-                rev,
+                guard(rev),
                 AttemptEnd::Succeeded,
                 Some(ok_result(&task)),
                 None,
@@ -1195,15 +1300,17 @@ pub(crate) mod fencing {
             )
             .await
         );
-        assert_eq!(state_of(&store, &task.id).await, TaskState::Running);
+        assert_eq!(state_of(&store, &task.id).await, TaskState::Queued);
+        assert_eq!(store.get(&key).await.unwrap().unwrap().mod_revision, rev);
         assert_eq!(svc.stale_completions(), 2);
 
         // Unfenced by registration (the orphan/adoption path) but at the right revision:
-        // committed once, and a second identical completion is stale.
+        // committed once (the entry goes, the attempt is recorded), and a second
+        // identical completion is stale.
         assert!(
             svc.commit(
                 task.clone(),
-                rev,
+                guard(rev),
                 AttemptEnd::Succeeded,
                 Some(ok_result(&task)),
                 None,
@@ -1213,10 +1320,17 @@ pub(crate) mod fencing {
             .await
         );
         assert_eq!(state_of(&store, &task.id).await, TaskState::Succeeded);
+        assert!(store.get(&key).await.unwrap().is_none());
+        let kv = store.get(&keys::task(&task.id)).await.unwrap().unwrap();
+        let done: TaskRecord = serde_json::from_slice(&kv.value).unwrap();
+        assert_eq!(done.attempt, 1);
+        assert_eq!(done.attempts.len(), 1);
+        assert_eq!(done.attempts[0].node, "n1");
+        assert_eq!(done.attempts[0].outcome.as_deref(), Some("succeeded"));
         assert!(
             !svc.commit(
                 task.clone(),
-                rev,
+                guard(rev),
                 AttemptEnd::Succeeded,
                 Some(ok_result(&task)),
                 None,
@@ -1225,6 +1339,94 @@ pub(crate) mod fencing {
             )
             .await
         );
+        svc.close().await;
+    }
+}
+
+#[cfg(test)]
+mod orphans {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use ferry_core::task::QueueEntry;
+    use ferry_store::Store;
+
+    use super::fencing::queued_task;
+    use super::*;
+    use crate::Config;
+
+    /// A task claimed by an incarnation that is not registered is re-queued by a live
+    /// instance: its attempt recorded as lost, its entry put back unmarked (once seen
+    /// orphaned in two sweeps); an entry claimed by a live incarnation is left alone.
+    #[tokio::test]
+    async fn claims_of_gone_instances_are_requeued_and_live_ones_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let cfg = Config {
+            token: "t".into(),
+            orphan_sweep: Duration::from_millis(50),
+            ..Config::default()
+        };
+        let svc = OrderService::start(cfg.clone(), "http://127.0.0.1:1".into(), store.clone())
+            .await
+            .unwrap();
+        let mark = |task: &TaskRecord, by: &str| {
+            let mut e = task.queue_entry();
+            e.claim = Some(Claim {
+                by: by.into(),
+                attempt: 1,
+                node: "n1".into(),
+                started_ms: 1,
+            });
+            serde_json::to_vec(&e).unwrap()
+        };
+        let now = ferry_core::now_ms();
+        let gone = queued_task("f", now);
+        let ours = queued_task("f", now);
+        let live_tag = svc.incarnation_tag(svc.incarnation());
+        for (t, by) in [(&gone, "os-dead@3"), (&ours, live_tag.as_str())] {
+            store
+                .put(&keys::task(&t.id), serde_json::to_vec(t).unwrap(), 0)
+                .await
+                .unwrap();
+            store
+                .put(&keys::queued(&t.cluster, &t.id), mark(t, by), 0)
+                .await
+                .unwrap();
+        }
+        // Bounded wait for the sweep.
+        let mut requeued = None;
+        for _ in 0..100 {
+            let kv = store.get(&keys::task(&gone.id)).await.unwrap().unwrap();
+            let t: TaskRecord = serde_json::from_slice(&kv.value).unwrap();
+            if t.attempt == 1 {
+                requeued = Some(t);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let t = requeued.expect("the gone instance's task was re-queued");
+        assert_eq!(t.state, TaskState::Queued);
+        assert_eq!(t.platform_failures, 1);
+        assert_eq!(t.attempts[0].outcome.as_deref(), Some("failed"));
+        assert_eq!(t.attempts[0].node, "n1");
+        let e = store
+            .get(&keys::queued(&gone.cluster, &gone.id))
+            .await
+            .unwrap()
+            .unwrap();
+        let e: QueueEntry = serde_json::from_slice(&e.value).unwrap();
+        assert_eq!(e.claim, None, "back in the queue, unmarked");
+        // The live instance's claim is untouched.
+        let e = store
+            .get(&keys::queued(&ours.cluster, &ours.id))
+            .await
+            .unwrap()
+            .unwrap();
+        let e: QueueEntry = serde_json::from_slice(&e.value).unwrap();
+        assert_eq!(e.claim.unwrap().by, live_tag);
         svc.close().await;
     }
 }
