@@ -65,6 +65,10 @@ pub(crate) struct Inner {
     pub(crate) counts: crate::metrics::Counts,
     /// The operator's settings for this cluster's nodes (drain, eject, restore).
     node_admin: WatchCache,
+    /// This cluster's node records (state, owner, breakers), so an attaching node's
+    /// breakers are resumed from memory: a burst of attachments (thousands of nodes
+    /// reconnecting at once) reads nothing from the store.
+    node_records: WatchCache,
     /// Callbacks still to deliver, and a wake-up when a delivery ends.
     pub(crate) callbacks: WatchCache,
     pub(crate) callback_done: Notify,
@@ -88,6 +92,7 @@ impl OrderService {
         let node_admin =
             WatchCache::start(store.clone(), &keys::node_admin_of(&cfg.cluster)).await?;
         let callbacks = WatchCache::start(store.clone(), &keys::callbacks_of(&cfg.cluster)).await?;
+        let node_records = WatchCache::start(store.clone(), &keys::nodes_of(&cfg.cluster)).await?;
         let committer = crate::batcher::Batcher::start(store.clone());
         let (events_tx, events) = mpsc::unbounded_channel();
         let registry_cfg = RegistryConfig {
@@ -119,6 +124,7 @@ impl OrderService {
                 stale_completions: AtomicU64::new(0),
                 counts: Default::default(),
                 node_admin,
+                node_records,
                 callbacks,
                 callback_done: Notify::new(),
                 committer,
@@ -317,17 +323,15 @@ impl OrderService {
         tokio::spawn(async move { svc.record_dead(&node_id, attach_rev, carried).await });
     }
 
-    /// The breakers a node's last attachment left in its record (none when it was
-    /// never ejected, when an operator restored it since, or when the store does not
-    /// answer within a second: attaching does not wait longer on the store).
-    async fn carried_breakers(&self, node_id: &str) -> Carried {
+    /// The breakers a node's last attachment left in its record, as the watch of
+    /// node records has it (none when it was never ejected, or when an operator
+    /// restored it since; a record written elsewhere a moment ago may not be here yet).
+    fn carried_breakers(&self, node_id: &str) -> Carried {
         let cluster = &self.inner.cfg.cluster;
-        let key = keys::node(cluster, node_id);
-        let read = tokio::time::timeout(Duration::from_secs(1), self.inner.store.get(&key)).await;
-        let Some(record) = read
-            .ok()
-            .and_then(Result::ok)
-            .flatten()
+        let Some(record) = self
+            .inner
+            .node_records
+            .get(&keys::node(cluster, node_id))
             .and_then(|kv| serde_json::from_slice::<NodeRecord>(&kv.value).ok())
         else {
             return Carried::default();
@@ -585,7 +589,7 @@ impl proto::order_server::Order for OrderService {
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
         let node_id = reg.node_id.clone();
-        let carried = self.carried_breakers(&node_id).await;
+        let carried = self.carried_breakers(&node_id);
         self.inner.nodes.attach(
             &node_id,
             conn,
