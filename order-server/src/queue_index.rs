@@ -128,6 +128,11 @@ impl QueueIndex {
         self.view.changes()
     }
 
+    /// Stops the watch (at shutdown).
+    pub fn stop(&self) {
+        self.view.stop();
+    }
+
     /// Unclaimed entries indexed (queued tasks, less those our claims took and the
     /// watch has not reported yet).
     pub fn len(&self) -> usize {

@@ -162,6 +162,20 @@ impl OrderService {
         {
             t.abort();
         }
+        // Tasks still running hold clones of the caches: stop their watches now, so
+        // nothing of this instance keeps reading the store after it has shut down.
+        let i = &self.inner;
+        i.queue.stop();
+        for cache in [
+            &i.queue_defs,
+            &i.instances,
+            &i.cancels,
+            &i.node_admin,
+            &i.node_records,
+            &i.callbacks,
+        ] {
+            cache.stop();
+        }
         self.inner.nodes.clear();
         let lease = self
             .inner

@@ -191,6 +191,13 @@ impl<V: View> WatchedView<V> {
     pub fn changes(&self) -> watch::Receiver<Revision> {
         self.inner.shared.changes.subscribe()
     }
+
+    /// Stops the watch now, for every clone (a component shutting down while tasks of
+    /// its own still hold clones): the view stays as it was, and nothing more is read
+    /// from the store.
+    pub fn stop(&self) {
+        self.inner.task.abort();
+    }
 }
 
 impl WatchCache {
@@ -248,6 +255,11 @@ impl WatchCache {
     /// The applied revision; changes after each applied batch or re-list.
     pub fn changes(&self) -> watch::Receiver<Revision> {
         self.view.changes()
+    }
+
+    /// See [`WatchedView::stop`].
+    pub fn stop(&self) {
+        self.view.stop();
     }
 }
 

@@ -724,6 +724,20 @@ mod suite {
             eventually(WAIT, async || Arc::strong_count(&s2) == 2).await,
             "cache task still holds the store"
         );
+
+        // `stop` ends the watch for every clone at once: the view stays as it was and
+        // the store is let go, though clones live on.
+        let cache = WatchCache::start(s.clone(), "wc/").await.unwrap();
+        let clone = cache.clone();
+        cache.stop();
+        assert!(
+            eventually(WAIT, async || Arc::strong_count(&s2) == 2).await,
+            "a stopped cache's task still holds the store"
+        );
+        let r4 = s.put("wc/d", v("5"), NO_LEASE).await.unwrap();
+        assert!(!clone.wait_for(r4, Duration::from_millis(300)).await);
+        assert_eq!(clone.get("wc/d"), None);
+        assert_eq!(clone.get("wc/c").unwrap().value, v("3"));
     }
 
     pub async fn lease_keeper(s: Arc<dyn Store>) {
