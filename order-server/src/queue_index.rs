@@ -64,33 +64,22 @@ impl Data {
         };
         entry.queue = queue_name(&entry.queue).to_string();
         let rank = queue_rank(&entry);
-        if entry.claim.is_some() {
-            self.claimed.insert(
-                id.clone(),
-                Indexed {
-                    id,
-                    key: kv.key,
-                    mod_revision: kv.mod_revision,
-                    entry,
-                    rank,
-                },
-            );
+        let indexed = Indexed {
+            id: id.clone(),
+            key: kv.key,
+            mod_revision: kv.mod_revision,
+            entry,
+            rank,
+        };
+        if indexed.entry.claim.is_some() {
+            self.claimed.insert(id, indexed);
             return;
         }
         self.groups
-            .entry((entry.queue.clone(), entry.priority))
+            .entry((indexed.entry.queue.clone(), indexed.entry.priority))
             .or_default()
             .insert((rank, id.clone()));
-        self.entries.insert(
-            id.clone(),
-            Indexed {
-                id,
-                key: kv.key,
-                mod_revision: kv.mod_revision,
-                entry,
-                rank,
-            },
-        );
+        self.entries.insert(id, indexed);
     }
 
     fn remove(&mut self, id: &str) -> Option<Indexed> {
@@ -219,6 +208,20 @@ mod tests {
         .unwrap()
     }
 
+    /// Puts task `id`'s entry and waits until the index has applied it.
+    async fn put_and_wait(
+        store: &Arc<dyn Store>,
+        changes: &mut watch::Receiver<Revision>,
+        id: &str,
+        value: Vec<u8>,
+    ) -> Revision {
+        let rev = store.put(&keys::queued("c", id), value, 0).await.unwrap();
+        while *changes.borrow_and_update() < rev {
+            changes.changed().await.unwrap();
+        }
+        rev
+    }
+
     #[tokio::test]
     async fn follows_the_queue_and_hands_out_group_heads_in_rank_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,6 +233,13 @@ mod tests {
             .await
             .unwrap();
         let index = QueueIndex::start(store.clone(), &prefix).await.unwrap();
+        let handed_out = |index: &QueueIndex| -> Vec<String> {
+            index
+                .gather(|_| 10, |_| true)
+                .into_iter()
+                .map(|e| e.id)
+                .collect()
+        };
         assert_eq!(index.len(), 1);
         let mut changes = index.changes();
         store
@@ -264,23 +274,8 @@ mod tests {
         assert_eq!(index.len(), 2);
         let rev = store.delete(&keys::queued("c", "t3")).await.unwrap();
         assert!(rev);
-        let t4 = store
-            .put(
-                &keys::queued("c", "t4"),
-                entry(Priority::Critical, 9, ""),
-                0,
-            )
-            .await
-            .unwrap();
-        while *changes.borrow_and_update() < t4 {
-            changes.changed().await.unwrap();
-        }
-        let ids: Vec<String> = index
-            .gather(|_| 10, |_| true)
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(ids, ["t4", "t2"]);
+        put_and_wait(&store, &mut changes, "t4", entry(Priority::Critical, 9, "")).await;
+        assert_eq!(handed_out(&index), ["t4", "t2"]);
 
         // A claim mark takes the entry out of what is handed out; a mark by a gone
         // incarnation is an orphan; unmarked again, it is handed out again.
@@ -292,23 +287,14 @@ mod tests {
             node: "n".into(),
             started_ms: 10,
         });
-        let rev = store
-            .put(
-                &keys::queued("c", "t4"),
-                serde_json::to_vec(&marked).unwrap(),
-                0,
-            )
-            .await
-            .unwrap();
-        while *changes.borrow_and_update() < rev {
-            changes.changed().await.unwrap();
-        }
-        let ids: Vec<String> = index
-            .gather(|_| 10, |_| true)
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(ids, ["t2"]);
+        let rev = put_and_wait(
+            &store,
+            &mut changes,
+            "t4",
+            serde_json::to_vec(&marked).unwrap(),
+        )
+        .await;
+        assert_eq!(handed_out(&index), ["t2"]);
         assert!(index.orphans(&["os-1@7".into()]).is_empty());
         let orphans = index.orphans(&["os-1@8".into()]);
         assert_eq!(orphans.len(), 1);
@@ -316,17 +302,7 @@ mod tests {
             (orphans[0].id.as_str(), orphans[0].mod_revision),
             ("t4", rev)
         );
-        let rev = store
-            .put(
-                &keys::queued("c", "t4"),
-                entry(Priority::Critical, 9, ""),
-                0,
-            )
-            .await
-            .unwrap();
-        while *changes.borrow_and_update() < rev {
-            changes.changed().await.unwrap();
-        }
+        put_and_wait(&store, &mut changes, "t4", entry(Priority::Critical, 9, "")).await;
         assert!(index.orphans(&[]).is_empty());
         assert_eq!(index.gather(|_| 10, |_| true).len(), 2);
     }

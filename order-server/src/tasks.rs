@@ -387,19 +387,9 @@ impl OrderService {
                 {
                     batch.push(Chosen { task, queued })
                 }
-                _ => {
-                    // A queue entry that no longer matches its task (cancelled, or a
-                    // leftover): drop it if it has not changed since we read it.
-                    let _ = self
-                        .inner
-                        .store
-                        .txn(
-                            Txn::new()
-                                .when(Compare::mod_revision(&queued.key, queued.mod_revision))
-                                .then(Op::delete(&queued.key)),
-                        )
-                        .await;
-                }
+                // A queue entry that no longer matches its task (cancelled, or a
+                // leftover).
+                _ => self.drop_entry(&queued.key, queued.mod_revision).await,
             }
         }
 
@@ -960,6 +950,17 @@ impl OrderService {
         }
     }
 
+    /// Deletes a queue entry that has no task to go with, if it has not changed since
+    /// it was read at `rev`.
+    async fn drop_entry(&self, key: &str, rev: Revision) {
+        let txn = Txn::new()
+            .when(Compare::mod_revision(key, rev))
+            .then(Op::delete(key));
+        if let Err(e) = self.inner.store.txn(txn).await {
+            debug!(key, error = %e, "stale queue entry not dropped; the next pass retries");
+        }
+    }
+
     /// Ends the attempt of a claimed entry whose instance is gone, as lost.
     async fn requeue_claimed(&self, e: crate::queue_index::Indexed) {
         let Some(claim) = e.entry.claim.clone() else {
@@ -970,19 +971,8 @@ impl OrderService {
                 Ok(t) => t,
                 Err(_) => return,
             },
-            // No task for the entry (removed by hand): drop the entry if unchanged.
-            Ok(None) => {
-                let _ = self
-                    .inner
-                    .store
-                    .txn(
-                        Txn::new()
-                            .when(Compare::mod_revision(&e.key, e.mod_revision))
-                            .then(Op::delete(&e.key)),
-                    )
-                    .await;
-                return;
-            }
+            // No task for the entry (removed by hand).
+            Ok(None) => return self.drop_entry(&e.key, e.mod_revision).await,
             Err(_) => return,
         };
         info!(
