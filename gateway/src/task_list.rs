@@ -16,7 +16,7 @@ use axum::Json;
 use axum::extract::{Query, State};
 use ferry_core::task::{TaskRecord, TaskState};
 use ferry_core::{ErrorCode, keys};
-use ferry_store::{Op, RangeQuery, Store, Txn};
+use ferry_store::{Compare, Op, RangeQuery, Store, Txn};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -132,41 +132,69 @@ impl Merged {
 
 /// Reads the task records of `ids` in one round trip per 100 (absent ones: None), and
 /// lays the claims of queued ones' entries over them (a claimed task is running) with
-/// one more round trip for those.
+/// one more round trip, which holds only while those records are unchanged (else the
+/// chunk is read again), so a record and its entry are seen at one revision.
 async fn records(store: &Arc<dyn Store>, ids: &[String]) -> ApiResult<Vec<Option<TaskRecord>>> {
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(100) {
-        let txn = Txn {
-            success: chunk.iter().map(|id| Op::get(keys::task(id))).collect(),
-            ..Txn::default()
-        };
-        for got in store.txn(txn).await?.gets {
-            out.push(got.and_then(|kv| serde_json::from_slice::<TaskRecord>(&kv.value).ok()));
-        }
-    }
-    let queued: Vec<usize> = (0..out.len())
-        .filter(|&i| {
-            out[i]
-                .as_ref()
-                .is_some_and(|t| t.state == TaskState::Queued)
-        })
-        .collect();
-    for chunk in queued.chunks(100) {
-        let txn = Txn {
-            success: chunk
-                .iter()
-                .filter_map(|&i| out[i].as_ref())
-                .map(|t| Op::get(keys::queued(&t.cluster, &t.id)))
-                .collect(),
-            ..Txn::default()
-        };
-        for (&i, entry) in chunk.iter().zip(store.txn(txn).await?.gets) {
-            if let Some(t) = out[i].take() {
-                out[i] = Some(crate::tasks::with_entry(t, entry.as_ref()));
-            }
-        }
+        out.extend(records_at_one_revision(store, chunk).await?);
     }
     Ok(out)
+}
+
+async fn records_at_one_revision(
+    store: &Arc<dyn Store>,
+    ids: &[String],
+) -> ApiResult<Vec<Option<TaskRecord>>> {
+    const TRIES: usize = 4;
+    let mut attempt = 1;
+    loop {
+        let txn = Txn {
+            success: ids.iter().map(|id| Op::get(keys::task(id))).collect(),
+            ..Txn::default()
+        };
+        let mut recs: Vec<Option<(TaskRecord, i64)>> = store
+            .txn(txn)
+            .await?
+            .gets
+            .into_iter()
+            .map(|got| {
+                got.and_then(|kv| {
+                    serde_json::from_slice::<TaskRecord>(&kv.value)
+                        .ok()
+                        .map(|t| (t, kv.mod_revision))
+                })
+            })
+            .collect();
+        let queued: Vec<usize> = (0..recs.len())
+            .filter(|&i| {
+                recs[i]
+                    .as_ref()
+                    .is_some_and(|(t, _)| t.state == TaskState::Queued)
+            })
+            .collect();
+        if !queued.is_empty() {
+            let mut txn = Txn::new();
+            for (t, rev) in queued.iter().filter_map(|&i| recs[i].as_ref()) {
+                // The last try reads the entries whatever happened to the records.
+                if attempt < TRIES {
+                    txn = txn.when(Compare::mod_revision(keys::task(&t.id), *rev));
+                }
+                txn = txn.then(Op::get(keys::queued(&t.cluster, &t.id)));
+            }
+            let read = store.txn(txn).await?;
+            if !read.succeeded {
+                attempt += 1;
+                continue;
+            }
+            for (&i, entry) in queued.iter().zip(read.gets) {
+                if let Some((t, rev)) = recs[i].take() {
+                    recs[i] = Some((crate::tasks::with_entry(t, entry.as_ref()), rev));
+                }
+            }
+        }
+        return Ok(recs.into_iter().map(|r| r.map(|(t, _)| t)).collect());
+    }
 }
 
 fn task_id_of(position: &str) -> &str {
