@@ -110,6 +110,14 @@ pub struct UpArgs {
     /// Node agents to run [env: FERRY_NODES] [default: 2]
     #[arg(long)]
     pub nodes: Option<u32>,
+    #[command(flatten)]
+    pub functions: NodeFunctionArgs,
+}
+
+/// The node agents' settings for the native functions they run (`ferry up` and
+/// `ferry order-client`).
+#[derive(Args, Debug, Default, Clone)]
+pub struct NodeFunctionArgs {
     /// Node agents: a variable given to every native function, KEY=VALUE (repeatable;
     /// adds to the config file's [function_env])
     #[arg(long = "function-env", value_name = "KEY=VALUE")]
@@ -171,17 +179,8 @@ pub struct ServeArgs {
     /// Node agent: extra tags (repeatable), e.g. gpu
     #[arg(long = "tag")]
     pub tags: Vec<String>,
-    /// Node agent: a variable given to every native function, KEY=VALUE (repeatable;
-    /// adds to the config file's [function_env])
-    #[arg(long = "function-env", value_name = "KEY=VALUE")]
-    pub function_env: Vec<String>,
-    /// Node agent: a variable copied from this process's environment into every
-    /// native function's, e.g. AWS_SECRET_ACCESS_KEY (repeatable) [env: FERRY_FUNCTION_ENV_PASS, comma-separated]
-    #[arg(long = "function-env-pass", value_name = "NAME")]
-    pub function_env_pass: Vec<String>,
-    /// Node agent: native function limits: auto, off (rlimits only) or a delegated cgroup v2 directory [env: FERRY_CGROUP] [default: auto]
-    #[arg(long)]
-    pub cgroup: Option<String>,
+    #[command(flatten)]
+    pub functions: NodeFunctionArgs,
 }
 
 #[derive(Args, Debug, Clone)]

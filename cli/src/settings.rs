@@ -80,28 +80,24 @@ where
 /// Settings after layering; `None` means "the component's default".
 pub type Settings = FileConfig;
 
-/// The node agents' function environment and limits as flags give them.
-#[derive(Clone, Copy)]
-struct NodeFlags<'a> {
-    function_env: &'a [String],
-    function_env_pass: &'a [String],
-    cgroup: Option<&'a String>,
-}
-
 /// Layers the node agents' keys: `function_env` is the file's table plus the flags'
 /// `KEY=VALUE`s (a flag wins on the same key); `function_env_pass` and `cgroup` are
 /// flags, else `FERRY_FUNCTION_ENV_PASS` (comma-separated) / `FERRY_CGROUP`, else the
 /// file.
-fn node_settings(a: NodeFlags<'_>, env: &Env, f: &FileConfig) -> anyhow::Result<FileConfig> {
+fn node_settings(
+    a: &crate::NodeFunctionArgs,
+    env: &Env,
+    f: &FileConfig,
+) -> anyhow::Result<FileConfig> {
     let mut function_env = f.function_env.clone();
-    for kv in a.function_env {
+    for kv in &a.function_env {
         let (k, v) = kv
             .split_once('=')
             .with_context(|| format!("function_env {kv:?}: expected KEY=VALUE"))?;
         function_env.insert(k.to_string(), v.to_string());
     }
     let function_env_pass = if !a.function_env_pass.is_empty() {
-        a.function_env_pass.to_vec()
+        a.function_env_pass.clone()
     } else if let Some(list) = env.get("FERRY_FUNCTION_ENV_PASS") {
         list.split(',')
             .map(str::trim)
@@ -114,7 +110,7 @@ fn node_settings(a: NodeFlags<'_>, env: &Env, f: &FileConfig) -> anyhow::Result<
     Ok(FileConfig {
         function_env,
         function_env_pass,
-        cgroup: pick(a.cgroup.cloned(), env, "FERRY_CGROUP", f.cgroup.clone())?,
+        cgroup: pick(a.cgroup.clone(), env, "FERRY_CGROUP", f.cgroup.clone())?,
         ..FileConfig::default()
     })
 }
@@ -156,9 +152,9 @@ pub fn function_env(s: &Settings, env: &Env) -> anyhow::Result<Vec<(String, Stri
 /// with their values from `env` (checked like a node's `function_env`).
 pub fn run_env(a: &crate::RunArgs, env: &Env) -> anyhow::Result<Vec<(String, String)>> {
     let s = node_settings(
-        NodeFlags {
-            function_env: &a.function_env,
-            function_env_pass: &a.function_env_pass,
+        &crate::NodeFunctionArgs {
+            function_env: a.function_env.clone(),
+            function_env_pass: a.function_env_pass.clone(),
             cgroup: None,
         },
         &Env::default(),
@@ -183,15 +179,7 @@ pub fn cgroup(s: &Settings) -> anyhow::Result<ferry_runtime::cgroup::CgroupSetti
 pub fn resolve_serve(a: &ServeArgs, env: &Env) -> anyhow::Result<Settings> {
     let f: FileConfig = load_file(a.config.as_deref()).context("load the config file")?;
     let sched = scheduler(env, &f)?;
-    let node = node_settings(
-        NodeFlags {
-            function_env: &a.function_env,
-            function_env_pass: &a.function_env_pass,
-            cgroup: a.cgroup.as_ref(),
-        },
-        env,
-        &f,
-    )?;
+    let node = node_settings(&a.functions, env, &f)?;
     Ok(FileConfig {
         listen: pick(a.listen.clone(), env, "FERRY_LISTEN", f.listen)?,
         ops_listen: pick(a.ops_listen.clone(), env, "FERRY_OPS_LISTEN", f.ops_listen)?,
@@ -306,15 +294,7 @@ pub fn tuning(s: &Settings) -> anyhow::Result<crate::up::Tuning> {
 pub fn resolve_up(a: &UpArgs, env: &Env) -> anyhow::Result<Settings> {
     let f: FileConfig = load_file(a.config.as_deref()).context("load the config file")?;
     let sched = scheduler(env, &f)?;
-    let node = node_settings(
-        NodeFlags {
-            function_env: &a.function_env,
-            function_env_pass: &a.function_env_pass,
-            cgroup: a.cgroup.as_ref(),
-        },
-        env,
-        &f,
-    )?;
+    let node = node_settings(&a.functions, env, &f)?;
     Ok(FileConfig {
         listen: pick(a.listen.clone(), env, "FERRY_LISTEN", f.listen)?,
         token: pick(a.token.clone(), env, "FERRY_TOKEN", f.token)?,
@@ -404,7 +384,10 @@ mod tests {
         ]);
         let args = ServeArgs {
             config: Some(file.clone()),
-            function_env: vec!["AWS_REGION=r2".into(), "X=a=b".into()],
+            functions: crate::NodeFunctionArgs {
+                function_env: vec!["AWS_REGION=r2".into(), "X=a=b".into()],
+                ..Default::default()
+            },
             ..ServeArgs::default()
         };
         let s = resolve_serve(&args, &env).unwrap();
@@ -431,8 +414,11 @@ mod tests {
         // A passed name the agent does not have is an error that shows no value.
         let args = ServeArgs {
             config: Some(file),
-            function_env_pass: vec!["MISSING".into()],
-            cgroup: Some("relative/dir".into()),
+            functions: crate::NodeFunctionArgs {
+                function_env_pass: vec!["MISSING".into()],
+                cgroup: Some("relative/dir".into()),
+                ..Default::default()
+            },
             ..ServeArgs::default()
         };
         let s = resolve_serve(&args, &env).unwrap();
@@ -440,7 +426,10 @@ mod tests {
         assert!(e.contains("MISSING") && !e.contains("s3cr3t"), "{e}");
         assert!(cgroup(&s).is_err());
         let bad = ServeArgs {
-            function_env: vec!["NOEQUALS".into()],
+            functions: crate::NodeFunctionArgs {
+                function_env: vec!["NOEQUALS".into()],
+                ..Default::default()
+            },
             ..ServeArgs::default()
         };
         assert!(resolve_serve(&bad, &env).is_err());
