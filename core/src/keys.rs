@@ -143,8 +143,10 @@ pub fn progress(task_id: &str) -> String {
 }
 
 /// Finished tasks by the second they finished, for retention:
-/// `/ferry/done/{cluster}/{second:011}/{task_id}`; the value is [`done_value`] (empty
-/// in stores from before the listing index).
+/// `/ferry/done/{cluster}/{second:011}/{task_id}`. The value is [`done_value`] for the
+/// task the key names (empty in stores from before the listing index), or
+/// [`done_group_value`] for tasks committed together in one transaction (the key named
+/// after the first): one key for the group, not one write per task.
 pub const DONE: &str = "/ferry/done/";
 pub fn done_of(cluster: &str) -> String {
     format!("{DONE}{cluster}/")
@@ -161,6 +163,36 @@ pub fn done_value(created_ms: u64, function: &str) -> Vec<u8> {
 pub fn parse_done_value(v: &[u8]) -> Option<(u64, &str)> {
     let (ms, f) = std::str::from_utf8(v).ok()?.split_once(' ')?;
     Some((ms.parse().ok()?, f))
+}
+
+const DONE_GROUP: &str = "group\n";
+
+/// A finish-time key's value for several tasks: `group` then a line per task,
+/// `{task_id} {created_ms} {function}`.
+pub fn done_group_value<'a>(tasks: impl IntoIterator<Item = (&'a str, u64, &'a str)>) -> Vec<u8> {
+    let mut v = DONE_GROUP.to_string();
+    for (id, created_ms, function) in tasks {
+        v.push_str(&format!("{id} {created_ms} {function}\n"));
+    }
+    v.into_bytes()
+}
+
+/// The tasks a finish-time key stands for, each with its (created_ms, function) when
+/// the value says it (`None`: a key from before the listing index, whose task record
+/// says it).
+pub fn done_tasks<'a>(key: &'a str, value: &'a [u8]) -> Vec<(&'a str, Option<(u64, &'a str)>)> {
+    let text = std::str::from_utf8(value).unwrap_or_default();
+    if let Some(lines) = text.strip_prefix(DONE_GROUP) {
+        return lines
+            .lines()
+            .filter_map(|line| {
+                let (id, rest) = line.split_once(' ')?;
+                Some((id, parse_done_value(rest.as_bytes())))
+            })
+            .collect();
+    }
+    let id = key.rsplit('/').next().unwrap_or_default();
+    vec![(id, parse_done_value(value))]
 }
 
 /// `CallbackRecord` per finished task whose callback is not delivered yet.
@@ -251,6 +283,18 @@ mod tests {
         let v = done_value(42, "acme.resize");
         assert_eq!(parse_done_value(&v), Some((42, "acme.resize")));
         assert_eq!(parse_done_value(b""), None);
+        let key = done("c", 5_000, "t1");
+        assert_eq!(done_tasks(&key, &v), [("t1", Some((42, "acme.resize")))]);
+        assert_eq!(
+            done_tasks(&key, b""),
+            [("t1", None)],
+            "before the listing index"
+        );
+        let g = done_group_value([("t1", 42, "acme.resize"), ("t2", 43, "f")]);
+        assert_eq!(
+            done_tasks(&key, &g),
+            [("t1", Some((42, "acme.resize"))), ("t2", Some((43, "f")))]
+        );
     }
 
     #[test]

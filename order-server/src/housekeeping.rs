@@ -172,8 +172,9 @@ impl OrderService {
             let unknown: Vec<String> = page
                 .kvs
                 .iter()
-                .filter(|kv| keys::parse_done_value(&kv.value).is_none())
-                .filter_map(|kv| kv.key.rsplit('/').next().map(keys::task))
+                .flat_map(|kv| keys::done_tasks(&kv.key, &kv.value))
+                .filter(|(_, listed)| listed.is_none())
+                .map(|(id, _)| keys::task(id))
                 .collect();
             let mut records = std::collections::HashMap::new();
             for chunk in unknown.chunks(100) {
@@ -187,17 +188,16 @@ impl OrderService {
                     }
                 }
             }
-            for chunk in page.kvs.chunks(20) {
-                let mut txn = Txn::new();
-                for kv in chunk {
-                    let Some(id) = kv.key.rsplit('/').next() else {
-                        continue;
-                    };
+            // Each task's keys, then the finish-time key, in transactions of at most
+            // ~100 deletes (a key split over two is finished by the second; deletes
+            // are idempotent, so a sweep cut short is finished by the next).
+            let mut txn = Txn::new();
+            for kv in &page.kvs {
+                for (id, listed) in keys::done_tasks(&kv.key, &kv.value) {
                     txn = txn
                         .then(Op::delete(keys::task(id)))
-                        .then(Op::delete(kv.key.clone()))
                         .then(Op::delete(keys::callback(cluster, id)));
-                    let listed = match keys::parse_done_value(&kv.value) {
+                    let listed = match listed {
                         Some((ms, f)) => Some((ms, f.to_string())),
                         None => records.get(id).cloned(),
                     };
@@ -206,9 +206,15 @@ impl OrderService {
                             txn = txn.then(Op::delete(k));
                         }
                     }
+                    removed += 1;
+                    if txn.success.len() >= 100 {
+                        self.inner.store.txn(std::mem::take(&mut txn)).await?;
+                    }
                 }
+                txn = txn.then(Op::delete(kv.key.clone()));
+            }
+            if !txn.success.is_empty() {
                 self.inner.store.txn(txn).await?;
-                removed += chunk.len();
             }
             match page.kvs.last() {
                 Some(last) if page.more => q = q.after(&last.key),
@@ -451,11 +457,39 @@ mod retention {
             store.txn(txn).await.unwrap();
             all.push(t);
         }
+        // Three finished at 15 s, committed together: one finish-time key lists them.
+        let mut group = vec![];
+        let mut txn = Txn::new();
+        for _ in 0..3 {
+            let t = crate::tasks::fencing::queued_task("acme.resize", 12_000);
+            txn = txn
+                .then(Op::put(keys::task(&t.id), serde_json::to_vec(&t).unwrap()))
+                .then(Op::put(keys::callback(&cluster, &t.id), b"{}".to_vec()));
+            for k in keys::task_index(&t.function, t.created_ms, &t.id) {
+                txn = txn.then(Op::put(k, t.function.clone()));
+            }
+            group.push(t);
+        }
+        let listed = keys::done_group_value(
+            group
+                .iter()
+                .map(|t| (t.id.as_str(), t.created_ms, t.function.as_str())),
+        );
+        txn = txn.then(Op::put(keys::done(&cluster, 15_000, &group[0].id), listed));
+        store.txn(txn).await.unwrap();
         let removed = svc.remove_expired(&cluster, 25_000).await.unwrap();
-        assert_eq!(removed, 2);
-        for t in &all[..2] {
+        assert_eq!(removed, 5);
+        for t in all[..2].iter().chain(&group) {
             assert!(store.get(&keys::task(&t.id)).await.unwrap().is_none());
         }
+        assert!(
+            store
+                .range(&keys::callbacks_of(&cluster))
+                .await
+                .unwrap()
+                .kvs
+                .is_empty()
+        );
         let kept = &all[2];
         assert!(store.get(&keys::task(&kept.id)).await.unwrap().is_some());
         let left: Vec<String> = store

@@ -706,6 +706,9 @@ impl OrderService {
         if as_owner {
             txn = txn.when(self.fence());
         }
+        // A final state is filed under a finish-time key, by the committer (one key
+        // for the commits it groups).
+        let mut done = None;
         match next {
             Next::Final(state) => {
                 task.state = state;
@@ -725,11 +728,14 @@ impl OrderService {
                 };
                 txn = txn
                     .then(Op::delete(keys::queued(&task.cluster, &task_id)))
-                    .then(Op::delete(keys::cancel(&task_id)))
-                    .then(Op::put(
-                        keys::done(&task.cluster, now, &task_id),
-                        keys::done_value(task.created_ms, &task.function),
-                    ));
+                    .then(Op::delete(keys::cancel(&task_id)));
+                done = Some(crate::batcher::Done {
+                    cluster: task.cluster.clone(),
+                    finished_ms: now,
+                    task_id: task_id.clone(),
+                    created_ms: task.created_ms,
+                    function: task.function.clone(),
+                });
                 if task.callback_url.is_some() {
                     let cb = ferry_core::task::CallbackRecord {
                         task_id: task_id.clone(),
@@ -761,7 +767,7 @@ impl OrderService {
             keys::task(&task_id),
             serde_json::to_vec(&task).unwrap_or_default(),
         ));
-        let committed = self.inner.committer.txn(txn).await;
+        let committed = self.inner.committer.txn(txn, done).await;
         // Counted as running (against its queue's MRT) until its running key is gone.
         self.inner
             .inflight
