@@ -418,25 +418,18 @@ mod tests {
 #[cfg(test)]
 mod retention {
     #![allow(clippy::unwrap_used)]
-    use std::sync::Arc;
-
-    use ferry_store::Store;
 
     use super::*;
     use crate::Config;
+    use crate::tasks::fencing::service;
 
     #[tokio::test]
     async fn expired_tasks_go_with_their_index_keys_and_nothing_newer_does() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
         let cfg = Config {
             token: "t".into(),
             ..Config::default()
         };
-        let svc = OrderService::start(cfg.clone(), "http://127.0.0.1:1".into(), store.clone())
-            .await
-            .unwrap();
+        let (_dir, store, svc) = service(cfg.clone()).await;
         let cluster = cfg.cluster.clone();
         // Finished at 10 s and 20 s (the first written before finish-time keys held
         // their task's index), and one at 30 s past the cutoff of 25 s.

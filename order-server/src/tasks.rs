@@ -1179,6 +1179,17 @@ pub(crate) mod fencing {
     use super::*;
     use crate::Config;
 
+    /// A service on an embedded store in a fresh folder (kept while the folder lives).
+    pub(crate) async fn service(cfg: Config) -> (tempfile::TempDir, Arc<dyn Store>, OrderService) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
+        let svc = OrderService::start(cfg, "http://127.0.0.1:1".into(), store.clone())
+            .await
+            .unwrap();
+        (dir, store, svc)
+    }
+
     /// A queued task of `function` created at `created_ms`, for tests.
     pub(crate) fn queued_task(function: &str, created_ms: u64) -> TaskRecord {
         let version = VersionRecord {
@@ -1248,16 +1259,11 @@ pub(crate) mod fencing {
 
     #[tokio::test]
     async fn completions_are_fenced_by_revision_and_by_the_instance_registration() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
         let cfg = Config {
             token: "t".into(),
             ..Config::default()
         };
-        let svc = OrderService::start(cfg.clone(), "http://127.0.0.1:1".into(), store.clone())
-            .await
-            .unwrap();
+        let (_dir, store, svc) = service(cfg.clone()).await;
         assert!(svc.incarnation() > 0);
         let tag = svc.incarnation_tag(svc.incarnation());
         let (task, key, rev) = claimed(&store, &queued_task("f", ferry_core::now_ms()), &tag).await;
@@ -1342,13 +1348,11 @@ pub(crate) mod fencing {
 #[cfg(test)]
 mod orphans {
     #![allow(clippy::unwrap_used)]
-    use std::sync::Arc;
     use std::time::Duration;
 
     use ferry_core::task::QueueEntry;
-    use ferry_store::Store;
 
-    use super::fencing::queued_task;
+    use super::fencing::{queued_task, service};
     use super::*;
     use crate::Config;
 
@@ -1357,17 +1361,12 @@ mod orphans {
     /// orphaned in two sweeps); an entry claimed by a live incarnation is left alone.
     #[tokio::test]
     async fn claims_of_gone_instances_are_requeued_and_live_ones_are_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(ferry_store::embedded::EmbeddedStore::open(dir.path()).unwrap());
         let cfg = Config {
             token: "t".into(),
             orphan_sweep: Duration::from_millis(50),
             ..Config::default()
         };
-        let svc = OrderService::start(cfg.clone(), "http://127.0.0.1:1".into(), store.clone())
-            .await
-            .unwrap();
+        let (_dir, store, svc) = service(cfg).await;
         let mark = |task: &TaskRecord, by: &str| {
             let mut e = task.queue_entry();
             e.claim = Some(Claim {
@@ -1408,21 +1407,17 @@ mod orphans {
         assert_eq!(t.platform_failures, 1);
         assert_eq!(t.attempts[0].outcome.as_deref(), Some("failed"));
         assert_eq!(t.attempts[0].node, "n1");
-        let e = store
-            .get(&keys::queued(&gone.cluster, &gone.id))
-            .await
-            .unwrap()
-            .unwrap();
-        let e: QueueEntry = serde_json::from_slice(&e.value).unwrap();
-        assert_eq!(e.claim, None, "back in the queue, unmarked");
+        let entry_of = async |t: &TaskRecord| -> QueueEntry {
+            let kv = store.get(&keys::queued(&t.cluster, &t.id)).await.unwrap();
+            serde_json::from_slice(&kv.unwrap().value).unwrap()
+        };
+        assert_eq!(
+            entry_of(&gone).await.claim,
+            None,
+            "back in the queue, unmarked"
+        );
         // The live instance's claim is untouched.
-        let e = store
-            .get(&keys::queued(&ours.cluster, &ours.id))
-            .await
-            .unwrap()
-            .unwrap();
-        let e: QueueEntry = serde_json::from_slice(&e.value).unwrap();
-        assert_eq!(e.claim.unwrap().by, live_tag);
+        assert_eq!(entry_of(&ours).await.claim.unwrap().by, live_tag);
         svc.close().await;
     }
 }
