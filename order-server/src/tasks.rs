@@ -1215,7 +1215,7 @@ pub(crate) mod fencing {
 
     /// Stores `task` queued and its entry claimed by `by` for attempt 1; returns the
     /// record as the attempt runs it, the entry's key and the claim's revision.
-    async fn claimed(
+    pub(crate) async fn claimed(
         store: &Arc<dyn Store>,
         task: &TaskRecord,
         by: &str,
@@ -1352,7 +1352,7 @@ mod orphans {
 
     use ferry_core::task::QueueEntry;
 
-    use super::fencing::{queued_task, service};
+    use super::fencing::{claimed, queued_task, service};
     use super::*;
     use crate::Config;
 
@@ -1367,30 +1367,12 @@ mod orphans {
             ..Config::default()
         };
         let (_dir, store, svc) = service(cfg).await;
-        let mark = |task: &TaskRecord, by: &str| {
-            let mut e = task.queue_entry();
-            e.claim = Some(Claim {
-                by: by.into(),
-                attempt: 1,
-                node: "n1".into(),
-                started_ms: 1,
-            });
-            serde_json::to_vec(&e).unwrap()
-        };
         let now = ferry_core::now_ms();
         let gone = queued_task("f", now);
         let ours = queued_task("f", now);
         let live_tag = svc.incarnation_tag(svc.incarnation());
-        for (t, by) in [(&gone, "os-dead@3"), (&ours, live_tag.as_str())] {
-            store
-                .put(&keys::task(&t.id), serde_json::to_vec(t).unwrap(), 0)
-                .await
-                .unwrap();
-            store
-                .put(&keys::queued(&t.cluster, &t.id), mark(t, by), 0)
-                .await
-                .unwrap();
-        }
+        claimed(&store, &gone, "os-dead@3").await;
+        claimed(&store, &ours, &live_tag).await;
         // Bounded wait for the sweep.
         let mut requeued = None;
         for _ in 0..100 {
