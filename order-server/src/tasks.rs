@@ -139,6 +139,18 @@ struct Chosen {
     queued: Indexed,
 }
 
+/// A task a claim transaction marks: the record as the attempt runs it (moved, not
+/// cloned), the queue it counts against here, its entry's key and the revision the
+/// claim compares, and its placement.
+struct Marked {
+    task: TaskRecord,
+    queue: String,
+    key: String,
+    seen_rev: Revision,
+    slot_id: String,
+    placed: crate::registry::Placed,
+}
+
 /// At most one progress write per task per this interval.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -474,8 +486,6 @@ impl OrderService {
         let tag = self.incarnation_tag(self.incarnation());
         let claimed_at = ferry_core::now_ms();
         let mut txn = Txn::new().when(self.fence());
-        // (the record as it runs, the entry's id, key and revision, slot, placement):
-        // the records are moved, not cloned.
         let mut started = Vec::with_capacity(placed.len());
         for (c, slot_id, p) in placed {
             let Chosen { task, queued } = c;
@@ -497,15 +507,14 @@ impl OrderService {
                     queued.key.clone(),
                     serde_json::to_vec(&entry).unwrap_or_default(),
                 ));
-            started.push((
-                next,
+            started.push(Marked {
+                task: next,
                 queue,
-                queued.id,
-                queued.key,
-                queued.mod_revision,
+                key: queued.key,
+                seen_rev: queued.mod_revision,
                 slot_id,
-                p,
-            ));
+                placed: p,
+            });
         }
         let result = self.inner.store.txn(txn).await;
         let rev = match result {
@@ -516,8 +525,8 @@ impl OrderService {
             other => {
                 // Someone else claimed one of them (or our registration changed):
                 // release every reservation and let the next round re-read.
-                for (_, _, _, _, _, slot_id, p) in &started {
-                    self.inner.nodes.abandon(&p.node_id, slot_id);
+                for m in &started {
+                    self.inner.nodes.abandon(&m.placed.node_id, &m.slot_id);
                 }
                 if let Err(e) = other {
                     return Err(e.into());
@@ -528,12 +537,12 @@ impl OrderService {
         };
         let claimed: Vec<(&str, Revision)> = started
             .iter()
-            .map(|(_, _, id, _, rev, _, _)| (id.as_str(), *rev))
+            .map(|m| (m.task.id.as_str(), m.seen_rev))
             .collect();
         self.inner.queue.forget(&claimed);
         let n = started.len();
-        for (task, queue, _, queue_key, _, slot_id, p) in started {
-            self.start_task(task, queue, rev, slot_id, queue_key, p);
+        for m in started {
+            self.start_task(m.task, m.queue, rev, m.slot_id, m.key, m.placed);
         }
         Ok(n)
     }
